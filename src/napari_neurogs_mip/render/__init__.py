@@ -1,0 +1,167 @@
+"""Differentiable MIP rendering of Gaussian models: one entry point, several backends.
+
+``render_mip`` projects (``project.py``, PyTorch autograd, shared by all
+backends) then rasterises with a backend:
+
+* ``torch``: the reference (``raster_torch.py``), any device;
+* ``cpu``: numba kernels, parallel over tiles and Gaussians (``raster_cpu.py``);
+* ``triton``: tile-binned Triton kernels for CUDA (``raster_triton.py``);
+* ``auto``: ``triton`` on CUDA, ``cpu`` on the CPU, else ``torch``; a backend that
+  cannot run falls back to ``torch`` once, with the reason logged and kept on the
+  :class:`Renderer`.
+
+Mode ``field`` is the exact MIP of the summed field (``field.py``), axis views only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..model import GaussianModel
+from ..views import View
+from .project import CUTOFF_SIGMA, DEFAULT_EPS, Projection, project
+
+__all__ = ["BACKENDS", "CUTOFF_SIGMA", "DEFAULT_EPS", "MODES", "Projection", "Renderer", "project", "render_mip"]
+
+LOGGER = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "cpu", "triton")
+MODES = ("soft", "max", "field")
+_MODULES = {"torch": "raster_torch", "cpu": "raster_cpu", "triton": "raster_triton"}
+
+Rasterizer = Callable[[Projection, str, float], list[torch.Tensor]]
+
+
+def _load(backend: str) -> tuple[Rasterizer | None, str | None]:
+    """The rasteriser of ``backend`` or the reason it cannot be used."""
+    try:
+        module = importlib.import_module(f".{_MODULES[backend]}", __name__)
+    except ImportError as error:
+        return None, f"{backend} backend unavailable: {error}"
+    problem = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    if problem:
+        return None, problem
+    return module.rasterize, None
+
+
+@dataclass
+class Renderer:
+    """A resolved backend plus render settings.
+
+    Attributes
+    ----------
+    backend
+        The backend that runs (``torch``, ``cpu`` or ``triton``).
+    requested
+        What the user asked for (may be ``auto``).
+    fallback_reason
+        Why the requested backend was not used, or ``None``.
+    """
+
+    backend: str
+    requested: str
+    device: torch.device
+    mode: str = "soft"
+    beta: float = 50.0
+    eps: float = DEFAULT_EPS
+    compensate: bool = False
+    fallback_reason: str | None = None
+    _rasterize: Rasterizer | None = None
+
+    @classmethod
+    def create(
+        cls,
+        device: torch.device | str,
+        backend: str = "auto",
+        mode: str = "soft",
+        beta: float = 50.0,
+        eps: float = DEFAULT_EPS,
+        compensate: bool = False,
+    ) -> Renderer:
+        """Resolve ``backend`` for ``device`` and check the settings."""
+        device = torch.device(device)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if mode not in MODES:
+            raise ValueError(f"unknown render mode {mode!r}; expected one of {MODES}")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0 (1/intensity), got {beta}")
+        if not eps >= 0:
+            raise ValueError(f"pixel filter eps must be >= 0 px^2, got {eps}")
+        wanted = backend
+        if backend == "auto":
+            wanted = {"cuda": "triton", "cpu": "cpu"}.get(device.type, "torch")
+        if wanted == "triton" and device.type != "cuda" and not _triton_interpreted():
+            raise ValueError(f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1), not {device}")
+        if wanted == "cpu" and device.type != "cpu":
+            raise ValueError(f"the cpu backend runs on the CPU, not {device}")
+        rasterize, reason = _load(wanted)
+        chosen = wanted
+        if rasterize is None:
+            rasterize, _ = _load("torch")
+            chosen = "torch"
+            LOGGER.warning("%s; falling back to the torch reference renderer", reason)
+        return cls(chosen, backend, device, mode, beta, eps, compensate, reason, rasterize)
+
+    def describe(self) -> str:
+        """One line naming device, backend and why, for logs and the GUI."""
+        text = f"device {self.device}, renderer backend {self.backend} (requested {self.requested})"
+        return f"{text}; fallback: {self.fallback_reason}" if self.fallback_reason else text
+
+    def render(self, model: GaussianModel, views: list[View]) -> list[torch.Tensor]:
+        """Render ``model`` (physical frame) into ``views``; one [H, W] image per view."""
+        return render_mip(model, views, self.mode, self.beta, self.eps, self.compensate, rasterize=self._rasterize)
+
+
+def _triton_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def render_mip(
+    model: GaussianModel,
+    views: list[View],
+    mode: str = "soft",
+    beta: float = 50.0,
+    eps: float = DEFAULT_EPS,
+    compensate: bool = False,
+    backend: str = "torch",
+    rasterize: Rasterizer | None = None,
+) -> list[torch.Tensor]:
+    """Differentiable MIPs of a model in the physical frame, one [H, W] tensor per view.
+
+    Parameters
+    ----------
+    model
+        Gaussians in the physical frame.
+    views
+        Views in the physical frame (all rendered in one call).
+    mode
+        ``soft`` (softmax-weighted, ``beta``), ``max`` (hard) or ``field``
+        (exact MIP of the summed field; axis views only).
+    beta
+        Soft-MIP sharpness, 1/intensity.
+    eps
+        Pixel filter, px^2.
+    compensate
+        Keep the integral of filtered sub-pixel Gaussians (see ``project``).
+    backend
+        ``torch``, ``cpu`` or ``triton`` (``auto`` resolves through :class:`Renderer`).
+    rasterize
+        An already resolved rasteriser; overrides ``backend``.
+    """
+    if model.frame.value != "physical":
+        raise ValueError(f"render_mip takes a model in the physical frame, got {model.frame.value}")
+    if mode == "field":
+        from .field import field_mips
+
+        return field_mips(model, views)
+    if rasterize is None:
+        rasterize = Renderer.create(model.means.device, backend, mode, beta, eps, compensate)._rasterize
+    projection = project(model.means, model.covariances(), model.amplitudes(), views, eps, compensate)
+    return rasterize(projection, mode, beta)
