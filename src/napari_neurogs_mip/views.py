@@ -163,8 +163,8 @@ def orbit_view(azimuth: float, elevation: float, geometry: VolumeGeometry) -> Vi
     # Half-sizes of the projected box, snapped to whole pixels so the centre lands on a pixel (or edge).
     half_u = np.max(np.abs((corners - centre) @ u))
     half_v = np.max(np.abs((corners - centre) @ v))
-    width = int(math.floor(2 * half_u / pixel + 1e-6)) + 1
-    height = int(math.floor(2 * half_v / pixel + 1e-6)) + 1
+    width = math.floor(2 * half_u / pixel + 1e-6) + 1
+    height = math.floor(2 * half_v / pixel + 1e-6) + 1
     origin = centre - (width - 1) / 2 * pixel * u - (height - 1) / 2 * pixel * v
     return View(
         name=f"az{azimuth:g}_el{elevation:g}",

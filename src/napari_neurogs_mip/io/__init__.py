@@ -1,0 +1,1 @@
+"""Files in and out: checkpoints, TIFF volumes and MIPs, SWC skeletons."""

@@ -1,0 +1,119 @@
+"""Image losses and metrics for MIPs with intensities in [0, 1].
+
+SSIM follows Wang et al. (2004) with an 11 x 11 Gaussian window (sigma 1.5),
+``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, ``L = 1`` and population
+(co)variances, averaged over the positions where the window fits inside the
+image; this equals scikit-image's ``structural_similarity(...,
+gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+data_range=1)``, which crops the same border.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+
+
+def mse(rendered: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error."""
+    return torch.mean((rendered - target) ** 2)
+
+
+def l1(rendered: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error."""
+    return torch.mean(torch.abs(rendered - target))
+
+
+def psnr(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB (``inf`` for identical images)."""
+    error = float(mse(rendered.detach(), target.detach()))
+    return math.inf if error == 0 else 10.0 * math.log10(data_range**2 / error)
+
+
+def _window(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    radius = SSIM_WINDOW // 2
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    return (w / w.sum()).to(dtype=dtype, device=device)
+
+
+def _blur(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter of [N, 1, H, W] images."""
+    images = F.conv2d(images, window.view(1, 1, 1, -1))
+    return F.conv2d(images, window.view(1, 1, -1, 1))
+
+
+def ssim(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM of two [H, W] images (differentiable w.r.t. both).
+
+    Raises
+    ------
+    ValueError
+        If either side of the image is shorter than the 11-pixel window.
+    """
+    if rendered.shape != target.shape or rendered.ndim != 2:
+        raise ValueError(f"ssim needs two [H, W] images of one shape, got {tuple(rendered.shape)} and {tuple(target.shape)}")
+    if min(rendered.shape) < SSIM_WINDOW:
+        raise ValueError(f"ssim needs images of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {tuple(rendered.shape)}")
+    window = _window(rendered.dtype, rendered.device)
+    x, y = rendered[None, None], target[None, None]
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=0)
+    mu_x, mu_y, xx, yy, xy = _blur(stack, window)
+    var_x = xx - mu_x * mu_x
+    var_y = yy - mu_y * mu_y
+    cov = xy - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    numerator = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    denominator = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    return torch.mean(numerator / denominator)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """``L = lambda_mse * MSE + lambda_ssim * (1 - SSIM) + lambda_l1 * L1``, averaged over views."""
+
+    lambda_mse: float = 1.0
+    lambda_ssim: float = 0.1
+    lambda_l1: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_mse", "lambda_ssim", "lambda_l1"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lambda_mse + self.lambda_ssim + self.lambda_l1 == 0:
+            raise ValueError("at least one of lambda_mse, lambda_ssim, lambda_l1 must be > 0")
+
+
+def mip_loss(
+    rendered: list[torch.Tensor], targets: list[torch.Tensor], weights: LossWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss averaged over views, and its terms as floats (for logs and plots).
+
+    The terms are read back with one device synchronisation.
+    """
+    zero = rendered[0].new_zeros(())
+    sums = {"mse": zero, "ssim": zero, "l1": zero}
+    total = zero
+    for image, target in zip(rendered, targets):
+        error = mse(image, target)
+        total = total + weights.lambda_mse * error
+        sums["mse"] = sums["mse"] + error.detach()
+        if weights.lambda_ssim > 0:
+            similarity = ssim(image, target)
+            total = total + weights.lambda_ssim * (1 - similarity)
+            sums["ssim"] = sums["ssim"] + similarity.detach()
+        if weights.lambda_l1 > 0:
+            absolute = l1(image, target)
+            total = total + weights.lambda_l1 * absolute
+            sums["l1"] = sums["l1"] + absolute.detach()
+    total = total / len(rendered)
+    values = (torch.stack([*sums.values(), total.detach() * len(rendered)]) / len(rendered)).tolist()
+    terms = dict(zip([*sums, "loss"], values))
+    return total, terms
