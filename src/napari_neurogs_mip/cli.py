@@ -1,0 +1,298 @@
+"""Command line: ``neurogs-mip fit | render | info``.
+
+``fit`` keeps the seed trainer's flags (``--checkpoint``, ``--num_gaussians``,
+``--iterations``, ``--lr``, ``--lambda_mse``, ``--lambda_ssim``, ``--num_views``,
+``--resolution H W``, ``--device``) and adds targets from TIFF, views, voxel
+size, render settings, checkpoints and a YAML config whose keys are the flag
+names (command-line flags win).  Exit status: 0 success, 2 bad input, 1 a
+failure while fitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--views", help="comma list of views: xy, xz, yz, or AZ:EL in degrees (e.g. xy,xz,yz,30:15)")
+    parser.add_argument("--num_views", type=_positive_int, default=3, help="1-3: xy, xz, yz; more adds orbit views")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"), help="resample every view to H x W")
+    group.add_argument("--downsample", type=_positive_float, help="downsampling factor (area averaging); keeps aspect")
+    parser.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="override spacing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``neurogs-mip``."""
+    from .device import DEVICES
+    from .render import BACKENDS, MODES
+    from .train import SCHEDULES
+
+    parser = argparse.ArgumentParser(prog="neurogs-mip", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="fit Gaussians to MIPs of a volume")
+    fit.add_argument("--config", help="YAML file of settings (keys = flag names with underscores)")
+    source = fit.add_argument_group("target (one of)")
+    source.add_argument("--sample", action="store_true", help="the built-in procedural neuron volume")
+    source.add_argument("--target", help="TIFF volume (Z, Y, X; ImageJ/OME hyperstacks with --channel/--time)")
+    source.add_argument("--target-mips", help="TIFF of precomputed MIP images (2D per view, or a named stack)")
+    fit.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF")
+    fit.add_argument("--time", type=int, help="time point of a time-lapse TIFF")
+    fit.add_argument("--normalize", default="background", choices=["background", "minmax", "percentile"])
+    model = fit.add_argument_group("initial model")
+    model.add_argument("--checkpoint", help="NeuRoGS-family .pt file to start from (or resume, if ours)")
+    model.add_argument("--swc", help="SWC skeleton to place Gaussians along")
+    model.add_argument("--num_gaussians", type=_positive_int, default=2000, help="Gaussians when starting from scratch")
+    _add_geometry_flags(fit)
+    fit.add_argument("--iterations", type=int, default=1000)
+    fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (means: fraction of the longest side)")
+    fit.add_argument("--lambda_mse", type=float, default=1.0)
+    fit.add_argument("--lambda_ssim", type=float, default=0.1)
+    fit.add_argument("--lambda_l1", type=float, default=0.0)
+    fit.add_argument("--mode", default="soft", choices=MODES)
+    fit.add_argument("--beta", type=float, default=50.0, help="soft-MIP sharpness, 1/intensity")
+    fit.add_argument("--eps", type=float, default=0.3, help="pixel filter, px^2")
+    fit.add_argument("--schedule", default="none", choices=SCHEDULES)
+    fit.add_argument("--device", default="auto", choices=DEVICES)
+    fit.add_argument("--backend", default="auto", choices=BACKENDS)
+    fit.add_argument("--save-every", type=_positive_int, default=500)
+    fit.add_argument("--out", default="neurogs_mip_out", help="output folder")
+    fit.add_argument("--seed", type=int, default=0)
+
+    render = commands.add_parser("render", help="render a checkpoint's MIPs to a TIFF")
+    render.add_argument("checkpoint")
+    render.add_argument("--out", required=True, help="output TIFF")
+    render.add_argument("--target", help="TIFF volume whose geometry to use")
+    render.add_argument("--shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), help="volume shape")
+    render.add_argument("--mode", default="field", choices=MODES)
+    render.add_argument("--beta", type=float, default=50.0)
+    render.add_argument("--device", default="auto", choices=DEVICES)
+    render.add_argument("--backend", default="auto", choices=BACKENDS)
+    _add_geometry_flags(render)
+
+    info = commands.add_parser("info", help="describe a checkpoint or TIFF file")
+    info.add_argument("path")
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "fit" and args.config:
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such config file: {path}")
+        settings = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path} must hold a mapping of settings, got {type(settings).__name__}")
+        known = {a.dest for a in parser._subparsers._group_actions[0].choices["fit"]._actions}
+        unknown = sorted(k for k in settings if k.replace("-", "_") not in known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}")
+        fit_parser = parser._subparsers._group_actions[0].choices["fit"]
+        fit_parser.set_defaults(**{k.replace("-", "_"): v for k, v in settings.items()})
+        args = parser.parse_args(argv)
+    return args
+
+
+def _view_specs(args: argparse.Namespace) -> list[str]:
+    from .views import default_view_specs, parse_view_specs
+
+    return parse_view_specs(args.views) if args.views else default_view_specs(args.num_views)
+
+
+def _resolution(args: argparse.Namespace) -> Any:
+    if args.resolution:
+        return tuple(args.resolution)
+    return args.downsample
+
+
+def _check_writable_folder(path: Path) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write to output folder {path}: {existing} is not a writable folder")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .setup import FitInputs, prepare_fit
+    from .train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
+
+    out = Path(args.out)
+    _check_writable_folder(out)
+    config = FitConfig(
+        iterations=args.iterations, lr=args.lr, lambda_mse=args.lambda_mse, lambda_ssim=args.lambda_ssim,
+        lambda_l1=args.lambda_l1, mode=args.mode, beta=args.beta, eps=args.eps, device=args.device,
+        backend=args.backend, schedule=args.schedule, save_every=args.save_every, seed=args.seed, out=str(out),
+    )  # fmt: skip
+    inputs = FitInputs(
+        sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
+        voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
+        resolution=_resolution(args), normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc,
+        num_gaussians=args.num_gaussians, seed=args.seed,
+    )  # fmt: skip
+    prepared = prepare_fit(inputs)
+    for line in prepared.notes:
+        print(line)
+    trainer = Trainer(prepared.model, prepared.targets, config, checkpoint=prepared.checkpoint)
+    print(trainer.describe())
+    print(f"targets: {prepared.targets.describe()}")
+    print(f"model: {prepared.model.num_gaussians} Gaussians ({prepared.model.frame.value} frame)")
+    with tqdm(total=config.iterations, initial=trainer.iteration, unit="it", dynamic_ncols=True) as bar:
+        for event in trainer.run():
+            if isinstance(event, StepEvent):
+                bar.update(1)
+                bar.set_postfix(loss=f"{event.terms['loss']:.5f}", mse=f"{event.terms['mse']:.2e}",
+                                ssim=f"{event.terms['ssim']:.4f}")  # fmt: skip
+            elif isinstance(event, CheckpointEvent):
+                bar.write(f"saved {event.path}")
+            elif isinstance(event, FinishedEvent):
+                final = event
+    print(f"{'view':<16}{'PSNR (dB)':>12}{'SSIM':>10}")
+    for name, values in final.metrics.items():
+        print(f"{name:<16}{values['psnr']:>12.2f}{values['ssim']:>10.4f}")
+    print(f"saved {final.path}")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import torch
+
+    from .device import resolve_device
+    from .frames import Frame, VolumeGeometry
+    from .io.checkpoint import load_checkpoint
+    from .io.tiff import read_volume, write_mips
+    from .render import Renderer
+    from .views import make_views
+
+    geometry = None
+    if args.target:
+        volume = read_volume(args.target, spacing_zyx=tuple(args.voxel_size) if args.voxel_size else None)
+        geometry = VolumeGeometry(volume.data.shape, volume.spacing_zyx)
+    elif args.shape:
+        geometry = VolumeGeometry(tuple(args.shape), tuple(args.voxel_size) if args.voxel_size else (1.0, 1.0, 1.0))
+    checkpoint = load_checkpoint(args.checkpoint, geometry)
+    model = checkpoint.model
+    geometry = model.geometry
+    if geometry is None:
+        raise ValueError(f"{args.checkpoint}: the volume is unknown; pass --target or --shape")
+    if args.voxel_size and not args.target:
+        geometry = VolumeGeometry(geometry.shape_zyx, tuple(args.voxel_size))
+    print(f"volume {geometry.shape_zyx} spacing {geometry.spacing_zyx} ({checkpoint.geometry_source})")
+    device, note = resolve_device(args.device)
+    renderer = Renderer.create(device, args.backend, args.mode, args.beta)
+    print(f"{note}; {renderer.describe()}")
+    views = make_views(_view_specs(args), geometry, _resolution(args))
+    physical = model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
+    with torch.no_grad():
+        images = renderer.render(physical, views)
+    write_mips(
+        args.out,
+        {v.name: i.cpu().numpy() for v, i in zip(views, images)},
+        {v.name: (v.dv, v.du) for v in views},
+    )
+    print(f"wrote {len(views)} MIPs to {args.out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.suffix.lower() in (".pt", ".pth"):
+        from .io.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path)
+        model = checkpoint.model
+        print(f"{path}: {checkpoint.family} checkpoint, {model.num_gaussians} Gaussians, {model.frame.value} frame")
+        if model.geometry is not None:
+            g = model.geometry
+            print(f"volume: shape (Z, Y, X) {g.shape_zyx}, spacing {g.spacing_zyx} ({checkpoint.geometry_source})")
+        print(f"iteration: {checkpoint.iteration}")
+        amplitudes = model.amplitudes()
+        print(f"amplitudes: min {float(amplitudes.min()):.4g}, max {float(amplitudes.max()):.4g}")
+        for key in ("package_version", "torch_version", "seed", "views"):
+            if key in checkpoint.metadata:
+                value = checkpoint.metadata[key]
+                print(f"{key}: {[v['name'] for v in value] if key == 'views' else value}")
+        return 0
+    from .io.tiff import read_mips, read_volume
+
+    try:
+        volume = read_volume(path)
+    except ValueError as error:
+        if "2D" not in str(error):
+            raise
+        images = read_mips(path, names=None) if _named(path) else None
+        print(f"{path}: 2D image(s){'' if images is None else ': ' + ', '.join(images)} ({error})")
+        return 0
+    data = volume.data
+    print(f"{path}: axes {volume.axes}, volume (Z, Y, X) {data.shape}, range [{data.min():.4g}, {data.max():.4g}]")
+    print(f"spacing (z, y, x): {volume.spacing_zyx} ({volume.spacing_source})")
+    return 0
+
+
+def _named(path: Path) -> bool:
+    from .io.tiff import read_mips
+
+    try:
+        read_mips(path)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    try:
+        args = _parse(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from .io.checkpoint import CheckpointError
+    from .train import TrainingError
+
+    handlers = {"fit": _fit, "render": _render, "info": _info}
+    try:
+        return handlers[args.command](args)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, FileNotFoundError, PermissionError, CheckpointError, IsADirectoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

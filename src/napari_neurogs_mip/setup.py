@@ -1,0 +1,149 @@
+"""Turn a user's choices (target, views, initial model) into targets and a model to fit.
+
+Shared by the CLI and the napari widget, so both accept the same inputs and say
+the same things about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .frames import Frame, VolumeGeometry
+from .io.checkpoint import Checkpoint, load_checkpoint
+from .model import GaussianModel
+from .targets import Normalization, Targets, targets_from_mips, targets_from_volume
+
+Resolution = None | float | tuple[int, int]
+
+
+@dataclass
+class FitInputs:
+    """What to fit: a target (sample, volume TIFF, MIP TIFF, an array, or a checkpoint's own field) and a start.
+
+    Exactly one target source is used, in this order: ``volume`` (an array
+    already in memory), ``sample``, ``target``, ``target_mips``, ``mips``; with
+    none of them the checkpoint's own field MIPs are the targets.
+    """
+
+    view_specs: list[str] = field(default_factory=lambda: ["xy", "xz", "yz"])
+    resolution: Resolution = None
+    normalize: str = "background"
+    sample: bool = False
+    target: str | None = None
+    target_mips: str | None = None
+    volume: np.ndarray | None = None
+    mips: dict[str, np.ndarray] | None = None
+    channel: int | None = None
+    time: int | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    checkpoint: str | None = None
+    swc: str | None = None
+    num_gaussians: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class PreparedFit:
+    """Targets and the initial model, with notes for the user."""
+
+    targets: Targets
+    model: GaussianModel
+    checkpoint: Checkpoint | None
+    notes: list[str]
+    volume: np.ndarray | None = None
+
+
+def _load_volume(inputs: FitInputs, notes: list[str]) -> tuple[np.ndarray, VolumeGeometry] | None:
+    from .io.tiff import read_volume
+    from .sample import sample_volume
+
+    if inputs.volume is not None:
+        volume = np.asarray(inputs.volume, dtype=np.float32)
+        if volume.ndim != 3:
+            raise ValueError(f"the target volume must be 3D (Z, Y, X), got shape {volume.shape}")
+        return volume, VolumeGeometry(volume.shape, inputs.voxel_size or (1.0, 1.0, 1.0))
+    if inputs.sample:
+        volume, geometry = sample_volume(inputs.seed)
+        notes.append(f"target: built-in sample neuron {geometry.shape_zyx}, spacing {geometry.spacing_zyx} um")
+        return volume, geometry
+    if inputs.target:
+        read = read_volume(inputs.target, inputs.channel, inputs.time, inputs.voxel_size)
+        notes.append(
+            f"target: {inputs.target} {read.data.shape} (axes {read.axes}), "
+            f"spacing {read.spacing_zyx} from {read.spacing_source}"
+        )
+        return read.data, VolumeGeometry(read.data.shape, read.spacing_zyx)
+    return None
+
+
+def prepare_fit(inputs: FitInputs) -> PreparedFit:
+    """Build targets and the initial model.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        Unreadable or inconsistent inputs (the message names the file or value).
+    """
+    from .init import init_from_swc, init_from_volume
+    from .io.swc import read_swc
+    from .io.tiff import read_mips
+    from .render.field import voxelize
+
+    notes: list[str] = []
+    normalization = Normalization(inputs.normalize)
+    loaded = _load_volume(inputs, notes)
+    checkpoint = None
+    volume = None
+    if loaded is not None:
+        volume, geometry = loaded
+        targets = targets_from_volume(volume, geometry, inputs.view_specs, inputs.resolution, normalization)
+    elif inputs.target_mips or inputs.mips is not None:
+        images = inputs.mips if inputs.mips is not None else read_mips(inputs.target_mips, None)
+        targets = targets_from_mips(images, inputs.voxel_size or (1.0, 1.0, 1.0), normalization=normalization)
+        notes.append(f"target: precomputed MIPs {list(images)}")
+    elif inputs.checkpoint:
+        checkpoint = load_checkpoint(inputs.checkpoint)
+        if checkpoint.model.geometry is None:
+            raise ValueError(f"{inputs.checkpoint}: the volume is unknown; give a target")
+        geometry = checkpoint.model.geometry
+        if inputs.voxel_size:
+            geometry = VolumeGeometry(geometry.shape_zyx, inputs.voxel_size)
+        physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL)
+        volume = voxelize(physical).detach().numpy()
+        high = max(1.0, float(volume.max()))
+        targets = targets_from_volume(
+            volume, geometry, inputs.view_specs, inputs.resolution, Normalization("fixed", low=0.0, high=high)
+        )
+        notes.append(
+            f"target: exact field MIPs of {inputs.checkpoint} itself (self-reconstruction) on {geometry.shape_zyx} "
+            f"({checkpoint.geometry_source})"
+        )
+    else:
+        raise ValueError("no target: give --sample, --target, --target-mips, or a --checkpoint to reconstruct")
+
+    geometry = targets.geometry
+    if inputs.checkpoint:
+        if checkpoint is None or checkpoint.model.geometry != geometry:
+            checkpoint = load_checkpoint(inputs.checkpoint, geometry)
+        model = checkpoint.model
+        notes.append(
+            f"model: {inputs.checkpoint} ({checkpoint.family} layout, {model.num_gaussians} Gaussians, "
+            f"{model.frame.value} frame, mapped onto {geometry.shape_zyx})"
+        )
+        if checkpoint.fit_model is not None and checkpoint.optimizer_state is not None:
+            notes.append(f"resuming at iteration {checkpoint.iteration} with the saved optimiser state")
+    elif inputs.swc:
+        model = init_from_swc(read_swc(inputs.swc), geometry)
+        notes.append(f"model: {model.num_gaussians} Gaussians along the edges of {inputs.swc}")
+    elif volume is not None:
+        model = init_from_volume(volume, geometry, inputs.num_gaussians, targets.low, targets.high, inputs.seed)
+        notes.append(f"model: {inputs.num_gaussians} Gaussians sampled from bright voxels (seed {inputs.seed})")
+    else:
+        raise ValueError("starting from scratch needs a volume target; give --checkpoint or --swc with MIP targets")
+    resume = checkpoint if checkpoint is not None and checkpoint.fit_model is not None else None
+    if model.frame is Frame.PHYSICAL and inputs.checkpoint is None:
+        # Models made here are stored in the NeuRoGS frame, which the NeuRoGS tools read.
+        model = model.to_frame(Frame.NEUROGS, geometry)
+    return PreparedFit(targets, model, resume, notes, volume)
