@@ -44,8 +44,8 @@ def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="override spacing")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``neurogs-mip``."""
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The argument parser of ``neurogs-mip`` and its sub-command parsers by name."""
     from .device import DEVICES
     from .render import BACKENDS, MODES
     from .train import SCHEDULES
@@ -95,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a checkpoint or TIFF file")
     info.add_argument("path")
-    return parser
+    return parser, {"fit": fit, "render": render, "info": info}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = build_parser()
+    parser, commands = build_parser()
     args = parser.parse_args(argv)
     if args.command == "fit" and args.config:
         import yaml
@@ -110,12 +110,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         settings = yaml.safe_load(path.read_text()) or {}
         if not isinstance(settings, dict):
             raise ValueError(f"{path} must hold a mapping of settings, got {type(settings).__name__}")
-        known = {a.dest for a in parser._subparsers._group_actions[0].choices["fit"]._actions}
-        unknown = sorted(k for k in settings if k.replace("-", "_") not in known)
+        settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
+        known = set(vars(commands["fit"].parse_args([])))
+        unknown = sorted(set(settings) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}")
-        fit_parser = parser._subparsers._group_actions[0].choices["fit"]
-        fit_parser.set_defaults(**{k.replace("-", "_"): v for k, v in settings.items()})
+            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        # Settings from the file become defaults, so flags given on the command line win.
+        commands["fit"].set_defaults(**settings)
         args = parser.parse_args(argv)
     return args
 
@@ -247,25 +248,16 @@ def _info(args: argparse.Namespace) -> int:
     try:
         volume = read_volume(path)
     except ValueError as error:
-        if "2D" not in str(error):
-            raise
-        images = read_mips(path, names=None) if _named(path) else None
-        print(f"{path}: 2D image(s){'' if images is None else ': ' + ', '.join(images)} ({error})")
+        try:
+            images = read_mips(path)
+        except ValueError:
+            raise error from None
+        print(f"{path}: MIP images " + ", ".join(f"{name} {image.shape}" for name, image in images.items()))
         return 0
     data = volume.data
     print(f"{path}: axes {volume.axes}, volume (Z, Y, X) {data.shape}, range [{data.min():.4g}, {data.max():.4g}]")
     print(f"spacing (z, y, x): {volume.spacing_zyx} ({volume.spacing_source})")
     return 0
-
-
-def _named(path: Path) -> bool:
-    from .io.tiff import read_mips
-
-    try:
-        read_mips(path)
-    except ValueError:
-        return False
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

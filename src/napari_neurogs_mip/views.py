@@ -66,6 +66,15 @@ class View:
     azimuth: float | None = None
     elevation: float | None = None
 
+    def __post_init__(self) -> None:
+        # Plain Python numbers only: views are stored in checkpoint metadata.
+        for name in ("origin", "u", "v"):
+            object.__setattr__(self, name, tuple(float(c) for c in getattr(self, name)))
+        for name in ("du", "dv"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("height", "width"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
     @property
     def shape(self) -> tuple[int, int]:
         """(height, width) in pixels."""

@@ -261,6 +261,7 @@ def save_checkpoint(
         "torch_version": torch.__version__,
     }
     metadata.update(extra or {})
+    metadata = _plain(metadata, "metadata")
     payload: dict[str, Any] = {
         "model_state_dict": {n: t.detach().cpu().float().contiguous() for n, t in model.tensors().items()},
         "num_gaussians": model.num_gaussians,
@@ -278,6 +279,23 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain Python types (what ``weights_only`` loading accepts), or ``TypeError``."""
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            # Exact built-in types: subclasses (e.g. torch.__version__) are not loadable.
+            return kind(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"checkpoint {where} holds a {type(value).__name__}; only plain types can be saved")
 
 
 def _to_cpu(value: Any) -> Any:
