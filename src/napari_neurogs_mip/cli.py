@@ -39,7 +39,9 @@ def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", help="comma list of views: xy, xz, yz, or AZ:EL in degrees (e.g. xy,xz,yz,30:15)")
     parser.add_argument("--num_views", type=_positive_int, default=3, help="1-3: xy, xz, yz; more adds orbit views")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"), help="resample every view to H x W")
+    group.add_argument(
+        "--resolution", type=_positive_int, nargs=2, metavar=("H", "W"), help="resample every view to H x W"
+    )
     group.add_argument("--downsample", type=_positive_float, help="downsampling factor (area averaging); keeps aspect")
     parser.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="override spacing")
 

@@ -34,8 +34,12 @@ def resolve_device(name: str) -> tuple[torch.device, str]:
         note = "auto: no CUDA or MPS device found, using the CPU" if chosen == "cpu" else f"auto: using {chosen}"
         return torch.device(chosen), note
     if name not in usable:
-        detail = "this torch build has no CUDA support" if name == "cuda" and not torch.backends.cuda.is_built() else (
-            "no usable device was found"
+        detail = (
+            "this torch build has no CUDA support"
+            if name == "cuda" and not torch.backends.cuda.is_built()
+            else ("no usable device was found")
         )
-        raise ValueError(f"device {name!r} was requested but is not available ({detail}); available: {', '.join(usable)}")
+        raise ValueError(
+            f"device {name!r} was requested but is not available ({detail}); available: {', '.join(usable)}"
+        )
     return torch.device(name), f"using {name} as requested"

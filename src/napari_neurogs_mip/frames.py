@@ -65,9 +65,7 @@ class VolumeGeometry:
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"volume shape must be 3 positive integers (Z, Y, X), got {self.shape_zyx}")
         if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-            raise ValueError(
-                f"voxel spacing must be 3 positive finite numbers (z, y, x), got {self.spacing_zyx}"
-            )
+            raise ValueError(f"voxel spacing must be 3 positive finite numbers (z, y, x), got {self.spacing_zyx}")
         object.__setattr__(self, "shape_zyx", shape)
         object.__setattr__(self, "spacing_zyx", spacing)
 

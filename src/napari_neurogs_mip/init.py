@@ -44,7 +44,9 @@ def init_from_volume(
     finest = float(np.min(geometry.spacing_xyz))
     scale = float(np.clip(0.5 * share ** (1 / 3), 0.5 * finest, 4 * float(np.max(geometry.spacing_xyz))))
     amplitudes = np.clip(normalised[chosen], 0.05, 1.0)
-    return _model(means, np.full((num_gaussians, 3), scale), np.eye(3)[None].repeat(num_gaussians, 0), amplitudes, geometry)
+    return _model(
+        means, np.full((num_gaussians, 3), scale), np.eye(3)[None].repeat(num_gaussians, 0), amplitudes, geometry
+    )
 
 
 def init_from_swc(skeleton: Skeleton, geometry: VolumeGeometry, amplitude: float = 0.5) -> GaussianModel:

@@ -10,6 +10,7 @@ data_range=1)``, which crops the same border.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ def psnr(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) 
     return math.inf if error == 0 else 10.0 * math.log10(data_range**2 / error)
 
 
+@functools.lru_cache(maxsize=16)
 def _window(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     radius = SSIM_WINDOW // 2
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
@@ -58,9 +60,13 @@ def ssim(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) 
         If either side of the image is shorter than the 11-pixel window.
     """
     if rendered.shape != target.shape or rendered.ndim != 2:
-        raise ValueError(f"ssim needs two [H, W] images of one shape, got {tuple(rendered.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"ssim needs two [H, W] images of one shape, got {tuple(rendered.shape)} and {tuple(target.shape)}"
+        )
     if min(rendered.shape) < SSIM_WINDOW:
-        raise ValueError(f"ssim needs images of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {tuple(rendered.shape)}")
+        raise ValueError(
+            f"ssim needs images of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {tuple(rendered.shape)}"
+        )
     window = _window(rendered.dtype, rendered.device)
     x, y = rendered[None, None], target[None, None]
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=0)

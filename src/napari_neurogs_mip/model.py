@@ -51,16 +51,40 @@ def rotation_to_quaternion(rotations: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*r.shape[:-2], 4, dtype=r.dtype, device=r.device)
     s = torch.sqrt(candidates.gather(-1, best[..., None]).squeeze(-1).clamp_min(1e-12)) * 2
     q_w = torch.stack(
-        [s / 4, (r[..., 2, 1] - r[..., 1, 2]) / s, (r[..., 0, 2] - r[..., 2, 0]) / s, (r[..., 1, 0] - r[..., 0, 1]) / s], -1
+        [
+            s / 4,
+            (r[..., 2, 1] - r[..., 1, 2]) / s,
+            (r[..., 0, 2] - r[..., 2, 0]) / s,
+            (r[..., 1, 0] - r[..., 0, 1]) / s,
+        ],
+        -1,
     )
     q_x = torch.stack(
-        [(r[..., 2, 1] - r[..., 1, 2]) / s, s / 4, (r[..., 0, 1] + r[..., 1, 0]) / s, (r[..., 0, 2] + r[..., 2, 0]) / s], -1
+        [
+            (r[..., 2, 1] - r[..., 1, 2]) / s,
+            s / 4,
+            (r[..., 0, 1] + r[..., 1, 0]) / s,
+            (r[..., 0, 2] + r[..., 2, 0]) / s,
+        ],
+        -1,
     )
     q_y = torch.stack(
-        [(r[..., 0, 2] - r[..., 2, 0]) / s, (r[..., 0, 1] + r[..., 1, 0]) / s, s / 4, (r[..., 1, 2] + r[..., 2, 1]) / s], -1
+        [
+            (r[..., 0, 2] - r[..., 2, 0]) / s,
+            (r[..., 0, 1] + r[..., 1, 0]) / s,
+            s / 4,
+            (r[..., 1, 2] + r[..., 2, 1]) / s,
+        ],
+        -1,
     )
     q_z = torch.stack(
-        [(r[..., 1, 0] - r[..., 0, 1]) / s, (r[..., 0, 2] + r[..., 2, 0]) / s, (r[..., 1, 2] + r[..., 2, 1]) / s, s / 4], -1
+        [
+            (r[..., 1, 0] - r[..., 0, 1]) / s,
+            (r[..., 0, 2] + r[..., 2, 0]) / s,
+            (r[..., 1, 2] + r[..., 2, 1]) / s,
+            s / 4,
+        ],
+        -1,
     )
     for index, q in enumerate((q_w, q_x, q_y, q_z)):
         out = torch.where((best == index)[..., None], q, out)

@@ -61,7 +61,9 @@ class Normalization:
             if self.rule == "minmax":
                 low, high = float(pixels.min()), float(pixels.max())
             elif self.rule in ("background", "percentile"):
-                low_p, high_p = (50.0, 99.95) if self.rule == "background" else (self.low_percentile, self.high_percentile)
+                low_p, high_p = (
+                    (50.0, 99.95) if self.rule == "background" else (self.low_percentile, self.high_percentile)
+                )
                 if not 0 <= low_p < high_p <= 100:
                     raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_p}, {high_p}")
                 low, high = (float(v) for v in np.percentile(pixels, [low_p, high_p]))
@@ -266,7 +268,9 @@ def targets_from_mips(
     return Targets(views, [_normalise(i, low, high) for i in images.values()], geometry, low, high, normalization)
 
 
-def _geometry_from_axis_images(images: dict[str, np.ndarray], spacing_zyx: tuple[float, float, float]) -> VolumeGeometry:
+def _geometry_from_axis_images(
+    images: dict[str, np.ndarray], spacing_zyx: tuple[float, float, float]
+) -> VolumeGeometry:
     sizes: dict[str, set[int]] = {"z": set(), "y": set(), "x": set()}
     for name, image in images.items():
         if name in AXIS_VIEWS:

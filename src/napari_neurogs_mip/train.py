@@ -168,7 +168,9 @@ class Trainer:
         self.config = config
         self.targets = targets
         self.device, self.device_note = resolve_device(config.device)
-        self.renderer = Renderer.create(self.device, config.backend, config.mode, config.beta, config.eps, config.compensate)
+        self.renderer = Renderer.create(
+            self.device, config.backend, config.mode, config.beta, config.eps, config.compensate
+        )
         self.weights = LossWeights(config.lambda_mse, config.lambda_ssim, config.lambda_l1)
         self.original_frame = model.frame
         geometry = targets.geometry
@@ -198,7 +200,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         spacing = torch.as_tensor(geometry.spacing_xyz, dtype=physical.means.dtype, device=self.device)
-        self._box = (-0.5 * spacing, torch.as_tensor(geometry.extent_xyz, device=self.device).to(spacing) + 0.5 * spacing)
+        self._box = (
+            -0.5 * spacing,
+            torch.as_tensor(geometry.extent_xyz, device=self.device).to(spacing) + 0.5 * spacing,
+        )
         self._log_scale_range = (math.log(0.25 * float(geometry.spacing_xyz.min())), math.log(longest))
         self._clamp()
         self._lock = threading.Lock()

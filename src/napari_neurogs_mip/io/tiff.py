@@ -168,7 +168,11 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, spacing_zyx: tuple
     sz, sy, sx = spacing_zyx
     with atomic_path(path) as tmp:
         tifffile.imwrite(
-            tmp, volume, imagej=True, resolution=(1.0 / sx, 1.0 / sy), metadata={"spacing": sz, "unit": "um", "axes": "ZYX"}
+            tmp,
+            volume,
+            imagej=True,
+            resolution=(1.0 / sx, 1.0 / sy),
+            metadata={"spacing": sz, "unit": "um", "axes": "ZYX"},
         )
     return Path(path)
 

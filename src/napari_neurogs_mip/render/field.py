@@ -69,7 +69,9 @@ def _scatter(
         torch.cumsum(counts, 0) - counts, counts
     )
     size = sizes[owner]
-    offset = torch.stack([local % size[:, 0], (local // size[:, 0]) % size[:, 1], local // (size[:, 0] * size[:, 1])], 1)
+    offset = torch.stack(
+        [local % size[:, 0], (local // size[:, 0]) % size[:, 1], local // (size[:, 0] * size[:, 1])], 1
+    )
     voxel = low[owner] + offset
     delta = voxel.to(means.dtype) * spacing - means[owner]
     q = torch.einsum("ni,nij,nj->n", delta, precision[owner], delta)

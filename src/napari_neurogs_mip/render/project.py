@@ -14,6 +14,7 @@ stored here is only an enumeration bound that contains the whole ellipse.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,13 +55,22 @@ class Projection:
     shapes: list[tuple[int, int]]
 
 
-def view_matrices(views: list[View], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``M`` [V, 3, 2] (columns ``u / du``, ``v / dv``) and origins [V, 3] of ``views``."""
+@functools.lru_cache(maxsize=64)
+def view_constants(
+    views: tuple[View, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``M`` [V, 3, 2] (columns ``u / du``, ``v / dv``), origins [V, 3], widths and heights [V, 1] of ``views``.
+
+    Cached per (views, dtype, device) so that a training step copies nothing from
+    the host (which also keeps the step capturable in a CUDA graph).
+    """
     axes = torch.tensor(
         [[[a / view.du for a in view.u], [a / view.dv for a in view.v]] for view in views], dtype=torch.float64
     ).transpose(1, 2)
     origins = torch.tensor([view.origin for view in views], dtype=torch.float64)
-    return axes.to(device=device, dtype=dtype), origins.to(device=device, dtype=dtype)
+    widths = torch.tensor([[view.width] for view in views], dtype=dtype, device=device)
+    heights = torch.tensor([[view.height] for view in views], dtype=dtype, device=device)
+    return axes.to(device=device, dtype=dtype), origins.to(device=device, dtype=dtype), widths, heights
 
 
 def project(
@@ -90,7 +100,7 @@ def project(
     """
     if eps < 0:
         raise ValueError(f"pixel filter eps must be >= 0, got {eps}")
-    axes, origins = view_matrices(views, means.dtype, means.device)
+    axes, origins, widths, heights = view_constants(tuple(views), means.dtype, means.device)
     centred = means[None, :, :] - origins[:, None, :]  # [V, K, 3]
     means2d = torch.einsum("vkc,vcd->vkd", centred, axes)
     cov2d = torch.einsum("vcd,kce,vef->vkdf", axes, covariances, axes)  # [V, K, 2, 2]
@@ -104,7 +114,8 @@ def project(
     if compensate and eps > 0:
         det_raw = cov2d[..., 0, 0] * cov2d[..., 1, 1] - sxy * sxy
         amps = amps * torch.sqrt((det_raw / safe_det).clamp(0.0, 1.0))
-    rects = _rects(means2d.detach(), sxx.detach(), syy.detach(), det.detach(), conics.detach(), amps.detach(), views)
+    rects = _rects(means2d.detach(), sxx.detach(), syy.detach(), det.detach(), conics.detach(), amps.detach(),
+                   widths, heights)  # fmt: skip
     return Projection(means2d, conics, amps, rects, [view.shape for view in views])
 
 
@@ -115,13 +126,12 @@ def _rects(
     det: torch.Tensor,
     conics: torch.Tensor,
     amps: torch.Tensor,
-    views: list[View],
+    widths: torch.Tensor,
+    heights: torch.Tensor,
 ) -> torch.Tensor:
     """Inclusive pixel bounds of each cut-off ellipse, clipped to its image; culled pairs are empty."""
     extent_x = CUTOFF_SIGMA * torch.sqrt(sxx.clamp_min(0))
     extent_y = CUTOFF_SIGMA * torch.sqrt(syy.clamp_min(0))
-    widths = torch.tensor([view.width for view in views], device=means2d.device, dtype=means2d.dtype)[:, None]
-    heights = torch.tensor([view.height for view in views], device=means2d.device, dtype=means2d.dtype)[:, None]
     mx, my = means2d[..., 0], means2d[..., 1]
     # Clamp before the cast so huge or non-finite values cannot overflow int32.
     zero = torch.zeros_like(widths)

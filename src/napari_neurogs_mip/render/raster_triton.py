@@ -28,12 +28,13 @@ capacity are dropped, and :meth:`TritonRasterizer.check_capacity` tells (with a
 sync, when the caller chooses) whether that happened.
 
 Everything runs in float32; inputs of other dtypes are cast (differentiably).
+Hard-mode ties (two Gaussians with bit-identical values at a pixel) send the
+whole gradient to the larger pair id, where the reference splits it evenly.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -53,22 +54,20 @@ _LAYOUTS: dict[tuple, _Layout] = {}
 _WARMUP: dict[tuple[bool, str], str | None] = {}
 
 
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kernels() -> ModuleType:
     """The kernel module, decorated for the interpreter iff ``TRITON_INTERPRET=1`` now.
 
     ``triton.jit`` chooses compiled or interpreted when the module is imported;
     if the environment variable changed since (as in a test session that turns
     the interpreter on for some tests only), the module is reloaded so the
-    kernels follow the current setting.
+    kernels follow the current setting.  Interpreted kernels work whenever
+    triton was imported; compiled ones need triton itself imported without
+    the interpreter (its own ``tl.sum`` / ``tl.max`` are decorated then).
     """
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = importlib.import_module(".triton_kernels", __package__)
-    if _KERNELS.is_interpreted() != _interpret_requested():
+    if _KERNELS.is_interpreted() != _KERNELS.interpret_requested():
         _KERNELS = importlib.reload(_KERNELS)
     return _KERNELS
 
@@ -99,7 +98,9 @@ def _layout(shapes: list[tuple[int, int]], tile: int, device: torch.device) -> _
     for index, (height, width) in enumerate(key[0]):
         tiles_x, tiles_y = -(-width // tile), -(-height // tile)
         views.append((width, height, tiles_x, len(tiles)))
-        tiles += [(tx * tile, ty * tile, width, height, offsets[index]) for ty in range(tiles_y) for tx in range(tiles_x)]
+        tiles += [
+            (tx * tile, ty * tile, width, height, offsets[index]) for ty in range(tiles_y) for tx in range(tiles_x)
+        ]
     if offsets[-1] >= 2**31:
         raise ValueError(f"{offsets[-1]} pixels in one call exceed the int32 pixel index of the triton kernels")
     layout = _Layout(
@@ -109,6 +110,8 @@ def _layout(shapes: list[tuple[int, int]], tile: int, device: torch.device) -> _
         len(tiles),
         offsets[-1],
     )
+    if len(_LAYOUTS) >= 64:  # shapes rarely change; bound the cache anyway
+        _LAYOUTS.clear()
     _LAYOUTS[key] = layout
     return layout
 
@@ -166,7 +169,7 @@ def bin_gaussians(rects: torch.Tensor, layout: _Layout, tile: int, capacity: int
         counts = torch.empty(num_pairs, dtype=torch.int32, device=device)
         grid = (triton_cdiv(num_pairs, k.BLOCK),)
         k.count_tiles_kernel[grid](
-            rects, layout.view_info, counts, num_pairs, num_gaussians, TILE=tile, BLOCK=k.BLOCK, num_warps=4
+            rects, layout.view_info, counts, num_pairs, num_gaussians, TILE=tile, BLOCK=k.BLOCK, **k.BINNING_OPTIONS
         )
         ends = torch.cumsum(counts, 0, dtype=torch.int64)
         needed = ends[-1]
@@ -190,7 +193,7 @@ def bin_gaussians(rects: torch.Tensor, layout: _Layout, tile: int, capacity: int
                 size,
                 TILE=tile,
                 BLOCK=k.BLOCK,
-                num_warps=4,
+                **k.BINNING_OPTIONS,
             )
     sorted_keys, order = torch.sort(keys, stable=True)
     ids = ids[order]
@@ -219,7 +222,7 @@ class _RasterizeFunction(torch.autograd.Function):
     """Flat image of all views from float32 means2d, conics and amplitudes."""
 
     @staticmethod
-    def forward(  # noqa: PLR0913 - autograd passes the arguments positionally
+    def forward(
         ctx: Any,
         means2d: torch.Tensor,
         conics: torch.Tensor,
@@ -277,6 +280,7 @@ class _RasterizeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (out,) = ctx.saved_tensors
         params, ids, peak, norm, argmax, layout, binning, code, beta, settings, num_pairs = ctx.state
@@ -329,6 +333,8 @@ class TritonRasterizer:
     capacity
         Fixed intersection-buffer length (no host sync, CUDA-graph friendly), or
         ``None`` to size it exactly every call (one sync).
+    num_warps
+        Warps per raster program; ``None`` picks about 8 pixel-Gaussian elements per thread.
     last_binning
         Binning of the latest call; ``last_binning.needed`` is the intersection
         count on the device, for :meth:`check_capacity`.
@@ -337,6 +343,7 @@ class TritonRasterizer:
     tile: int = TILE
     batch: int = BATCH
     capacity: int | None = None
+    num_warps: int | None = None
     last_binning: Binning | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -356,7 +363,7 @@ class TritonRasterizer:
         layout = _layout(projection.shapes, self.tile, device)
         binning = bin_gaussians(projection.rects, layout, self.tile, self.capacity)
         self.last_binning = binning
-        settings = _Settings(self.tile, self.batch, kernels().launch_options(self.tile, self.batch))
+        settings = _Settings(self.tile, self.batch, kernels().launch_options(self.tile, self.batch, self.num_warps))
         flat = _RasterizeFunction.apply(
             projection.means2d.to(torch.float32),
             projection.conics.to(torch.float32),
@@ -409,8 +416,8 @@ def _warm_up(device: torch.device) -> None:
         leaves = [t.clone().requires_grad_(True) for t in (means2d, conics, amplitudes)]
         images = rasterize(Projection(*leaves, rects, [(5, 11), (9, 3)]), mode, 20.0)
         sum(image.sum() for image in images).backward()
-        values = [*images, *(leaf.grad for leaf in leaves)]
-        if not all(bool(torch.isfinite(v).all()) for v in values) or not float(images[0].max()) > 0:
+        values = [image.detach() for image in images] + [leaf.grad for leaf in leaves]
+        if not all(bool(torch.isfinite(v).all()) for v in values) or not float(values[0].max()) > 0:
             raise RuntimeError(f"warm-up render ({mode}) gave wrong values")
 
 
@@ -422,10 +429,11 @@ def unavailable_reason() -> str | None:
     catch compiler, driver or launch problems early.
     """
     try:
-        import triton  # noqa: F401
+        interpreted = kernels().is_interpreted()
     except ImportError as error:
         return f"triton backend unavailable: cannot import triton ({error}); install napari-neurogs-mip[cuda]"
-    interpreted = _interpret_requested()
+    except Exception as error:  # e.g. a triton whose API these kernels do not match
+        return f"triton backend unavailable: the kernels do not load ({type(error).__name__}: {error})"
     if not interpreted and not torch.cuda.is_available():
         return (
             "triton backend unavailable: no CUDA device (torch.cuda.is_available() is False); "

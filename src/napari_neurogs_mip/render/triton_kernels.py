@@ -1,9 +1,12 @@
 """Triton kernels of the tile-binned MIP rasteriser (see ``raster_triton.py`` for the pipeline).
 
-Only ``tl.exp``, ``tl.log``-free plain arithmetic, loads, stores, reductions and
-atomics are used (no libdevice, no inline assembly), so every kernel also runs
-under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this module
-is imported: ``triton.jit`` picks compiled or interpreted at decoration time).
+The kernels use only ``tl.exp``, plain arithmetic, loads, stores, sum/max
+reductions and atomics (no libdevice, no inline assembly), so they also run in
+the Triton CPU interpreter.  ``triton.jit`` picks compiled or interpreted when
+this module is imported, from ``TRITON_INTERPRET``; ``raster_triton.kernels()``
+re-imports it when that variable has changed since.  Reductions go through the
+``_sum`` / ``_max`` aliases so that interpreted kernels work even when triton
+itself was first imported without the interpreter.
 
 Data layouts shared with ``raster_triton.py``:
 
@@ -21,13 +24,18 @@ Data layouts shared with ``raster_triton.py``:
 ahead-of-time compile test and the launches cannot drift apart.
 """
 
+# Triton spells compile-time constants (tl.constexpr arguments) in upper case.
+# ruff: noqa: N803
+
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 SOFT = 0
 """``MODE`` constexpr of the soft MIP (online softmax)."""
@@ -46,6 +54,35 @@ BATCH = 32
 """Default number of Gaussians evaluated together per tile iteration (power of two)."""
 BLOCK = 256
 """Pairs per program of the binning kernels."""
+
+
+def interpret_requested() -> bool:
+    """Whether ``triton.jit`` decorates for the interpreter now (triton's own reading of ``TRITON_INTERPRET``)."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.3
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpretable(function: Any) -> Any:
+    """``function`` (one of triton.language's own ``@jit`` helpers), callable from this module's kernels.
+
+    ``tl.sum`` and ``tl.max`` are ``@jit`` functions decorated when triton is
+    first imported: if that happened without ``TRITON_INTERPRET=1`` they are
+    compiled-only and an interpreted kernel cannot call them.  Wrapping their
+    Python source in an interpreted function is what triton itself does when
+    imported under the interpreter (their reductions keep the fast NumPy path).
+    """
+    if interpret_requested() and isinstance(function, JITFunction):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(function.fn)
+    return function
+
+
+# The kernels reduce through these aliases, never through tl.sum / tl.max directly.
+_sum = _interpretable(tl.sum)
+_max = _interpretable(tl.max)
 
 
 @triton.jit
@@ -76,7 +113,8 @@ def _tile_bounds(rects_ptr, view_info_ptr, pair, valid, num_gaussians, TILE: tl.
     return tx0, ty0, nx, nx * ny, tiles_x, first_tile
 
 
-@triton.jit
+# Sizes change from call to call: no value specialisation (== 1, % 16), so one compiled variant serves all.
+@triton.jit(do_not_specialize=["num_pairs", "num_gaussians"])
 def count_tiles_kernel(
     rects_ptr, view_info_ptr, counts_ptr, num_pairs, num_gaussians, TILE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -87,7 +125,7 @@ def count_tiles_kernel(
     tl.store(counts_ptr + pair, count, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_gaussians", "capacity"])
 def expand_tiles_kernel(
     rects_ptr,
     view_info_ptr,
@@ -111,7 +149,7 @@ def expand_tiles_kernel(
     tx0, ty0, nx, count, tiles_x, first_tile = _tile_bounds(rects_ptr, view_info_ptr, pair, valid, num_gaussians, TILE)
     end = tl.load(ends_ptr + pair, mask=valid, other=0)
     start = end - count
-    steps = tl.max(count, axis=0)
+    steps = _max(count, axis=0)
     # Dead lanes have nx == 0; keep the divisor non-zero (their stores are masked anyway).
     nx_safe = tl.maximum(nx, 1)
     for j in range(0, steps):
@@ -201,28 +239,29 @@ def forward_kernel(
     first = tl.load(ranges_ptr + tile)
     last = tl.load(ranges_ptr + tile + 1)
     peak = tl.full([TILE * TILE], float("-inf"), tl.float32)
-    norm = tl.zeros([TILE * TILE], tl.float32)
-    acc = tl.zeros([TILE * TILE], tl.float32)
+    norm = tl.full([TILE * TILE], 0.0, tl.float32)
+    acc = tl.full([TILE * TILE], 0.0, tl.float32)
     best = tl.full([TILE * TILE], -1, tl.int32)
     for start in range(first, last, BATCH):
-        gid, valid, dx, dy, e, g, hit, ca, cb, cc = _gaussian_batch(
+        gid, _valid, _dx, _dy, _e, g, hit, _ca, _cb, _cc = _gaussian_batch(
             params_ptr, ids_ptr, start, last, fx, fy, inside, cutoff2, BATCH
         )
         masked = tl.where(hit, g, float("-inf"))
-        batch_peak = tl.max(masked, axis=1)
+        batch_peak = _max(masked, axis=1)
         if MODE == 0:
             new_peak = tl.maximum(peak, batch_peak)
-            # Rows with no hit yet have peak == -inf and S == W == 0: the factor is
-            # irrelevant but (-inf) - (-inf) would be NaN, so select 0 explicitly.
-            rescale = tl.where(peak > float("-inf"), tl.exp(beta * (peak - new_peak)), 0.0)
+            # Rows with no hit so far keep peak == new_peak == -inf and S == W == 0;
+            # subtracting a finite shift avoids (-inf) - (-inf) = NaN (the rescale
+            # factor becomes exp(-inf) = 0, harmless on S == W == 0).
             shift = tl.where(new_peak > float("-inf"), new_peak, 0.0)
+            rescale = tl.exp(beta * (peak - shift))
             weight = tl.where(hit, tl.exp(beta * (g - shift[:, None])), 0.0)
-            norm = norm * rescale + tl.sum(weight, axis=1)
-            acc = acc * rescale + tl.sum(weight * g, axis=1)
+            norm = norm * rescale + _sum(weight, axis=1)
+            acc = acc * rescale + _sum(weight * g, axis=1)
             peak = new_peak
         else:
             # Pair id of the batch maximum (largest id among exact ties).
-            batch_best = tl.max(tl.where(hit & (masked == batch_peak[:, None]), gid[None, :], -1), axis=1)
+            batch_best = _max(tl.where(hit & (masked == batch_peak[:, None]), gid[None, :], -1), axis=1)
             better = batch_peak > peak
             best = tl.where(better, batch_best, best)
             peak = tl.where(better, batch_peak, peak)
@@ -287,14 +326,14 @@ def backward_kernel(
         dg = tl.where(hit, dg, 0.0)
         # g = a exp(-q / 2): dL/dq = -g dL/dg / 2, dL/da = exp(-q / 2) dL/dg.
         dq = -0.5 * dg * g
-        grad_mx = tl.sum(-dq * (2 * ca[None, :] * dx + 2 * cb[None, :] * dy), axis=0)
-        grad_my = tl.sum(-dq * (2 * cb[None, :] * dx + 2 * cc[None, :] * dy), axis=0)
-        grad_a = tl.sum(dq * dx * dx, axis=0)
-        grad_b = tl.sum(dq * 2 * dx * dy, axis=0)
-        grad_c = tl.sum(dq * dy * dy, axis=0)
-        grad_amp = tl.sum(dg * e, axis=0)
+        grad_mx = _sum(-dq * (2 * ca[None, :] * dx + 2 * cb[None, :] * dy), axis=0)
+        grad_my = _sum(-dq * (2 * cb[None, :] * dx + 2 * cc[None, :] * dy), axis=0)
+        grad_a = _sum(dq * dx * dx, axis=0)
+        grad_b = _sum(dq * 2 * dx * dy, axis=0)
+        grad_c = _sum(dq * dy * dy, axis=0)
+        grad_amp = _sum(dg * e, axis=0)
         # `dg != 0` is also true for NaN, so a NaN gradient still reaches the parameters.
-        touched = valid & (tl.max(tl.where(dg != 0, 1, 0), axis=0) > 0)
+        touched = valid & (_max(tl.where(dg != 0, 1, 0), axis=0) > 0)
         base = grad_params_ptr + gid.to(tl.int64) * 6
         tl.atomic_add(base + 0, grad_mx, mask=touched, sem="relaxed")
         tl.atomic_add(base + 1, grad_my, mask=touched, sem="relaxed")
@@ -305,8 +344,13 @@ def backward_kernel(
 
 
 def num_warps_for(tile: int, batch: int) -> int:
-    """Warps per raster program: about 16 [pixel, Gaussian] elements per thread."""
-    return int(min(16, max(1, tile * tile * batch // 512)))
+    """Warps per raster program: about 8 [pixel, Gaussian] elements per thread.
+
+    With 8 x 8 tiles and 32-Gaussian batches this is 8 warps; ptxas (sm_90)
+    then needs about 80 registers in the forward and 110 in the backward kernel,
+    without spills, against 90 / 165 at 4 warps.
+    """
+    return int(min(16, max(2, tile * tile * batch // 256)))
 
 
 @dataclass(frozen=True)
@@ -334,17 +378,23 @@ class KernelSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def launch_options(tile: int = TILE, batch: int = BATCH) -> dict[str, Any]:
+def launch_options(tile: int = TILE, batch: int = BATCH, num_warps: int | None = None) -> dict[str, Any]:
     """Options of the raster kernels (also given to ``triton.compile`` by the tests).
 
     FP fusion is requested explicitly (contracting ``a * b + c`` into FMA): it
     only moves results by rounding, and naming it silences Triton 3.9's warning
     about the default changing in 3.10.
     """
-    return {"num_warps": num_warps_for(tile, batch), "enable_fp_fusion": True}
+    return {"num_warps": num_warps or num_warps_for(tile, batch), "enable_fp_fusion": True}
 
 
-def kernel_specs(tile: int = TILE, batch: int = BATCH, block: int = BLOCK) -> list[KernelSpec]:
+BINNING_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
+"""Options of the binning kernels (integer only; fusion named to silence the same warning)."""
+
+
+def kernel_specs(
+    tile: int = TILE, batch: int = BATCH, block: int = BLOCK, num_warps: int | None = None
+) -> list[KernelSpec]:
     """Every kernel with the signature it is launched with, for each render mode.
 
     Integer scalars are ``i32`` except the capacity (``i64``: intersection counts
@@ -365,7 +415,7 @@ def kernel_specs(tile: int = TILE, batch: int = BATCH, block: int = BLOCK) -> li
                 "BLOCK": "constexpr",
             },
             binning,
-            {"num_warps": 4},
+            BINNING_OPTIONS,
         ),
         KernelSpec(
             "expand_tiles_kernel",
@@ -383,7 +433,7 @@ def kernel_specs(tile: int = TILE, batch: int = BATCH, block: int = BLOCK) -> li
                 "BLOCK": "constexpr",
             },
             binning,
-            {"num_warps": 4},
+            BINNING_OPTIONS,
         ),
     ]
     raster = {
@@ -405,7 +455,7 @@ def kernel_specs(tile: int = TILE, batch: int = BATCH, block: int = BLOCK) -> li
                 forward_kernel,
                 {**raster, **tail},
                 {**constants, "MODE": code},
-                launch_options(tile, batch),
+                launch_options(tile, batch, num_warps),
             )
         )
         specs.append(
@@ -414,7 +464,7 @@ def kernel_specs(tile: int = TILE, batch: int = BATCH, block: int = BLOCK) -> li
                 backward_kernel,
                 {**raster, "grad_out_ptr": "*fp32", "grad_params_ptr": "*fp32", **tail},
                 {**constants, "MODE": code},
-                launch_options(tile, batch),
+                launch_options(tile, batch, num_warps),
             )
         )
     return specs
