@@ -88,6 +88,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     render.add_argument("checkpoint")
     render.add_argument("--out", required=True, help="output TIFF")
     render.add_argument("--target", help="TIFF volume whose geometry to use")
+    render.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF target")
+    render.add_argument("--time", type=int, help="time point of a time-lapse TIFF target")
     render.add_argument("--shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), help="volume shape")
     render.add_argument("--mode", default="field", choices=MODES)
     render.add_argument("--beta", type=float, default=50.0)
@@ -97,6 +99,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     info = commands.add_parser("info", help="describe a checkpoint or TIFF file")
     info.add_argument("path")
+    info.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF")
+    info.add_argument("--time", type=int, help="time point of a time-lapse TIFF")
     return parser, {"fit": fit, "render": render, "info": info}
 
 
@@ -118,8 +122,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
         # Settings from the file become defaults, so flags given on the command line win.
+        first, default_views = args, commands["fit"].get_default("num_views")
         commands["fit"].set_defaults(**settings)
         args = parser.parse_args(argv)
+        # Flags that exclude or override each other: the command line's choice replaces the file's.
+        if first.resolution is not None or first.downsample is not None:
+            args.resolution, args.downsample = first.resolution, first.downsample
+        if first.views is None and first.num_views != default_views:
+            args.views = None
     return args
 
 
@@ -198,7 +208,8 @@ def _render(args: argparse.Namespace) -> int:
 
     geometry = None
     if args.target:
-        volume = read_volume(args.target, spacing_zyx=tuple(args.voxel_size) if args.voxel_size else None)
+        spacing = tuple(args.voxel_size) if args.voxel_size else None
+        volume = read_volume(args.target, args.channel, args.time, spacing)
         geometry = VolumeGeometry(volume.data.shape, volume.spacing_zyx)
     elif args.shape:
         geometry = VolumeGeometry(tuple(args.shape), tuple(args.voxel_size) if args.voxel_size else (1.0, 1.0, 1.0))
@@ -248,7 +259,7 @@ def _info(args: argparse.Namespace) -> int:
     from .io.tiff import read_mips, read_volume
 
     try:
-        volume = read_volume(path)
+        volume = read_volume(path, args.channel, args.time)
     except ValueError as error:
         try:
             images = read_mips(path)

@@ -6,7 +6,8 @@ the same things about them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -92,6 +93,7 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     from .render.field import voxelize
 
     notes: list[str] = []
+    field_peak = 1.0
     normalization = Normalization(inputs.normalize)
     loaded = _load_volume(inputs, notes)
     checkpoint = None
@@ -112,13 +114,13 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
             geometry = VolumeGeometry(geometry.shape_zyx, inputs.voxel_size)
         physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL)
         volume = voxelize(physical).detach().numpy()
-        high = max(1.0, float(volume.max()))
+        field_peak = max(1.0, float(volume.max()))
         targets = targets_from_volume(
-            volume, geometry, inputs.view_specs, inputs.resolution, Normalization("fixed", low=0.0, high=high)
+            volume, geometry, inputs.view_specs, inputs.resolution, Normalization("fixed", low=0.0, high=field_peak)
         )
         notes.append(
             f"target: exact field MIPs of {inputs.checkpoint} itself (self-reconstruction) on {geometry.shape_zyx} "
-            f"({checkpoint.geometry_source})"
+            f"({checkpoint.geometry_source}), divided by the field's peak {field_peak:.4g}"
         )
     else:
         raise ValueError("no target: give --sample, --target, --target-mips, or a --checkpoint to reconstruct")
@@ -128,6 +130,9 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         if checkpoint is None or checkpoint.model.geometry != geometry:
             checkpoint = load_checkpoint(inputs.checkpoint, geometry)
         model = checkpoint.model
+        if field_peak != 1.0:
+            # Self-reconstruction: the targets were divided by the field's peak; so are the amplitudes.
+            model = replace(model, log_amplitudes=model.log_amplitudes - math.log(field_peak))
         notes.append(
             f"model: {inputs.checkpoint} ({checkpoint.family} layout, {model.num_gaussians} Gaussians, "
             f"{model.frame.value} frame, mapped onto {geometry.shape_zyx})"

@@ -30,7 +30,7 @@ import torch
 from .device import resolve_device
 from .frames import Frame
 from .io.checkpoint import Checkpoint, save_checkpoint
-from .losses import LossWeights, mip_loss, psnr, ssim
+from .losses import SSIM_WINDOW, LossWeights, mip_loss, psnr, ssim
 from .model import GaussianModel
 from .render import MODES, Renderer
 from .targets import Targets
@@ -165,6 +165,9 @@ class Trainer:
         self, model: GaussianModel, targets: Targets, config: FitConfig, checkpoint: Checkpoint | None = None
     ) -> None:
         config.validate()
+        orbit = [view.name for view in targets.views if not view.is_axis]
+        if config.mode == "field" and orbit:
+            raise ValueError(f"the field mode renders axis views only (xy, xz, yz); got orbit views {orbit}")
         self.config = config
         self.targets = targets
         self.device, self.device_note = resolve_device(config.device)
@@ -283,10 +286,13 @@ class Trainer:
             return self.renderer.render(self.model, self.targets.views)
 
     def metrics(self, images: list[torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-        """PSNR (dB) and SSIM of each view."""
+        """PSNR (dB) and SSIM of each view (SSIM is NaN for views smaller than its 11-pixel window)."""
         images = images if images is not None else self.render()
         return {
-            view.name: {"psnr": psnr(image, target), "ssim": float(ssim(image.double(), target.double()))}
+            view.name: {
+                "psnr": psnr(image, target),
+                "ssim": float(ssim(image.double(), target.double())) if min(view.shape) >= SSIM_WINDOW else math.nan,
+            }
             for view, image, target in zip(self.targets.views, images, self._target_tensors)
         }
 

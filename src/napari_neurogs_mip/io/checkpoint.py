@@ -20,8 +20,6 @@ beside them, and is atomic.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +72,8 @@ class Checkpoint:
     optimizer_state
         Adam state of the fit this file came from (ours only), else ``None``.
     fit_model
-        The parameters exactly as the optimiser held them (physical frame), ours only.
+        The parameters exactly as the optimiser held them (physical frame), ours only, and only
+        when loaded for the volume the fit ran on.
     iteration
         Iteration the file was written at (0 when unknown).
     """
@@ -93,7 +92,7 @@ def _read(path: Path) -> Any:
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, AttributeError, ValueError) as error:
+    except Exception as error:  # the (weights-only) unpickler raises many types, e.g. KeyError on text files
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint: truncated, corrupt, not a torch.save file, "
             f"or holding objects other than tensors and plain values ({type(error).__name__})"
@@ -176,7 +175,11 @@ def load_checkpoint(path: str | os.PathLike, geometry: VolumeGeometry | None = N
     except ValueError as error:
         raise CheckpointError(f"{path} ({family} layout): {error}") from error
     checkpoint = Checkpoint(model, family, source, metadata if ours else {}, iteration=_iteration(data))
-    if ours and isinstance(data.get("fit_state"), dict):
+    fitted_on = metadata.get("volume")
+    same_volume = not isinstance(fitted_on, dict) or VolumeGeometry.from_dict(fitted_on) == geometry
+    # The optimiser's parameters live in the physical frame of the volume the fit ran on: on another
+    # volume they would be wrong, so the fit restarts from the mapped model instead of resuming.
+    if ours and same_volume and isinstance(data.get("fit_state"), dict):
         fit = data["fit_state"]
         checkpoint.fit_model = GaussianModel(**{n: fit[n].float() for n in PARAMETER_NAMES}, frame=Frame.PHYSICAL,
                                              geometry=geometry)  # fmt: skip

@@ -99,9 +99,10 @@ def _select(path: Path, data: np.ndarray, axes: str, choices: dict[str, int | No
     index: list[int | slice] = []
     kept = ""
     for axis, size in zip(axes, data.shape):
-        if axis in _SPATIAL or (axis == "Q" and data.ndim <= 3):
+        # tifffile names the page axis of a plain stack Q (one series) or I (pages written one by one).
+        if axis in _SPATIAL or (axis in "QI" and data.ndim <= 3):
             index.append(slice(None))
-            kept += "Z" if axis == "Q" else axis
+            kept += "Z" if axis in "QI" else axis
             continue
         choice = choices.get(axis)
         if choice is None and size > 1:

@@ -24,9 +24,10 @@ import torch
 
 from ..model import GaussianModel
 from ..views import View
-from .project import CUTOFF_SIGMA, DEFAULT_EPS, Projection, project
+from .project import CUTOFF_SIGMA, DEFAULT_EPS, Projection
+from .project import project as _project
 
-__all__ = ["BACKENDS", "CUTOFF_SIGMA", "DEFAULT_EPS", "MODES", "Projection", "Renderer", "project", "render_mip"]
+__all__ = ["BACKENDS", "CUTOFF_SIGMA", "DEFAULT_EPS", "MODES", "Projection", "Renderer", "render_mip"]
 
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -163,5 +164,5 @@ def render_mip(
         return field_mips(model, views)
     if rasterize is None:
         rasterize = Renderer.create(model.means.device, backend, mode, beta, eps, compensate)._rasterize
-    projection = project(model.means, model.covariances(), model.amplitudes(), views, eps, compensate)
+    projection = _project(model.means, model.covariances(), model.amplitudes(), views, eps, compensate)
     return rasterize(projection, mode, beta)

@@ -1,0 +1,31 @@
+"""Fixtures shared by the test suite.
+
+``shared_dir`` is the ``shared/`` reference folder beside the repository
+(CI sees it at ``../shared`` from the project root).  Tests that need it skip,
+with the reason, when it is absent: the project must never require it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ``shared/`` reference folder (``../shared`` from the repository root); skips when absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared reference data not found at {SHARED_DIR} (expected ../shared from the repository root)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_checkpoints(shared_dir: Path) -> list[Path]:
+    """The real checkpoint files in ``shared/data/checkpoints`` (skips when there are none)."""
+    paths = sorted((shared_dir / "data" / "checkpoints").glob("*.pt"))
+    if not paths:
+        pytest.skip(f"no checkpoint files in {shared_dir / 'data' / 'checkpoints'}")
+    return paths
