@@ -1,0 +1,426 @@
+"""CPU benchmark of the MIP rasterisers: training-step it/s, forward/backward ms, peak memory, JIT warm-up.
+
+Scenes (same recipe as ``bench_gpu.py``): K = 12,145 random Gaussians inside the
+100 x 647 x 813 (Z, Y, X) volume box, sigma 1-3 voxels per principal axis,
+random rotations, amplitudes 0.2-1; physical frame = voxel units (spacing 1);
+views ``xy``, ``xz``, ``yz`` from ``make_views``.  Targets are the scene rendered
+once (no gradient); training starts from a perturbed copy.
+
+=====  =======================================  ==========================
+name   views                                    backends
+=====  =======================================  ==========================
+S1     128 x 128 each                           torch, cpu, dense (if any)
+S2     native: 647 x 813, 100 x 813, 100 x 647  torch, cpu
+=====  =======================================  ==========================
+
+A training step is what ``Trainer.step`` does: project + rasterise the three
+views, ``mean(MSE + 0.1 (1 - SSIM))`` over views (``napari_neurogs_mip.losses``),
+backward, gradient clipping (norm 1) and Adam with the seed's parameter groups
+(means ``lr``, log-scales and quaternions ``0.1 lr``, log-amplitudes ``lr``).
+
+Every (scenario, backend) runs in its own subprocess, so that memory is clean:
+after a warm-up step the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``);
+``peak MiB`` is the peak resident set during the timed steps and timings minus
+the resident set of the warm process (imports, JIT-compiled kernels, scene,
+targets, optimiser state), i.e. what a training step needs on top; ``RSS MiB``
+is that peak resident set itself.  Timings are repeated in ``--rounds`` rounds; the table shows the best
+round (and the median) because a shared machine only ever slows a run down;
+``others`` is the share of the machine's CPU time that other processes used
+while a row was measured (from ``/proc/stat``): rows with more than a few
+percent are not trustworthy on a small machine.
+Forward/backward ms time the rasteriser alone on a precomputed projection.
+For the ``cpu`` backend the child also reports its first call (forward and
+backward, both dtypes' kernels loaded from numba's on-disk cache, or compiled
+if the cache is cold); ``--cold`` adds a run with an empty cache directory to
+measure the full JIT compile.
+
+Usage::
+
+    python benchmarks/bench_cpu.py                       # S1 and S2, torch vs cpu (+ dense at S1)
+    python benchmarks/bench_cpu.py --scenarios S1 --rounds 5 --cold
+    python benchmarks/bench_cpu.py --torch-threads 1 --kernel-threads 2
+    python benchmarks/bench_cpu.py --smoke               # tiny scenes: checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+VOLUME_ZYX = (100, 647, 813)
+NUM_GAUSSIANS = 12_145
+MODE, BETA, LAMBDA_SSIM, LR, GRAD_CLIP = "soft", 50.0, 0.1, 1e-3, 1.0
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark configuration."""
+
+    name: str
+    num_gaussians: int
+    volume_zyx: tuple[int, int, int]
+    resolution: tuple[int, int] | None
+    backends: tuple[str, ...]
+
+
+SCENARIOS = {
+    "S1": Scenario("S1", NUM_GAUSSIANS, VOLUME_ZYX, (128, 128), ("torch", "cpu", "dense")),
+    "S2": Scenario("S2", NUM_GAUSSIANS, VOLUME_ZYX, None, ("torch", "cpu")),
+}
+SMOKE = {
+    "S1": Scenario("S1", 300, (12, 40, 50), (24, 24), ("torch", "cpu", "dense")),
+    "S2": Scenario("S2", 300, (12, 40, 50), None, ("torch", "cpu")),
+}
+# Seconds per timed round and the most steps of a round; the dense baseline takes seconds per step.
+ROUND_SECONDS = {"torch": 3.0, "cpu": 2.0, "dense": 5.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--scenarios", default="S1,S2", help="comma list of S1, S2")
+    parser.add_argument("--backends", default="torch,cpu,dense", help="comma list of torch, cpu, dense")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per backend (best and median shown)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per round (default per backend)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads in the children")
+    parser.add_argument(
+        "--kernel-threads", type=int, default=None, help="threads of the cpu kernels (default: torch's)"
+    )
+    parser.add_argument("--cold", action="store_true", help="also time a first call with an empty numba cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny scenes, one short round: checks the script")
+    parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "BACKEND"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- child process
+
+
+def rss_mib() -> float:
+    """Current resident set of this process, MiB."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process since the last :func:`reset_peak_rss`, MiB."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; not resettable
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def random_gaussians(torch, k: int, geometry, generator) -> dict:
+    """Gaussians inside the volume box, sigma 1-3 voxels, random rotations, amplitudes 0.2-1."""
+    extent = torch.tensor(geometry.extent_xyz, dtype=torch.float32)
+    return {
+        "means": torch.rand(k, 3, generator=generator) * extent,
+        "log_scales": torch.log(1 + 2 * torch.rand(k, 3, generator=generator)),
+        "quaternions": torch.randn(k, 4, generator=generator),
+        "log_amplitudes": torch.log(0.2 + 0.8 * torch.rand(k, generator=generator)),
+    }
+
+
+def perturbed(torch, params: dict, generator) -> dict:
+    """A nearby starting point for the training steps."""
+    noise = {"means": 0.5, "log_scales": 0.1, "quaternions": 0.1, "log_amplitudes": 0.1}
+    return {n: v + noise[n] * torch.randn(v.shape, generator=generator) for n, v in params.items()}
+
+
+def timed_rounds(fn, rounds: int, seconds: float, max_steps: int) -> list[float]:
+    """Seconds per call of ``fn`` in each round (a round: ``seconds`` of calls, at most ``max_steps``)."""
+    per_call = []
+    for _ in range(rounds):
+        count, begin = 0, time.perf_counter()
+        while True:
+            fn()
+            count += 1
+            elapsed = time.perf_counter() - begin
+            if elapsed >= seconds or count >= max_steps:
+                break
+        per_call.append(elapsed / count)
+    return per_call
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """Measure one backend on one scenario; returns a JSON-able dict."""
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    from napari_neurogs_mip.frames import VolumeGeometry
+    from napari_neurogs_mip.model import covariance
+    from napari_neurogs_mip.render import raster_torch
+    from napari_neurogs_mip.render.project import Projection, project
+    from napari_neurogs_mip.views import make_views
+
+    try:
+        from napari_neurogs_mip.losses import mse, ssim
+
+        loss_note = "napari_neurogs_mip.losses"
+    except ImportError:  # pragma: no cover - only before losses.py existed
+        mse, ssim = local_mse, local_ssim
+        loss_note = "local MSE/SSIM stand-ins"
+
+    name, backend = args.child
+    scenario = (SMOKE if args.smoke else SCENARIOS)[name]
+    result: dict = {"scenario": name, "backend": backend, "loss": loss_note, "torch_threads": torch.get_num_threads()}
+    first_call_s = math.nan
+    if backend == "cpu":
+        from napari_neurogs_mip.render import raster_cpu
+
+        if args.kernel_threads:
+            raster_cpu.THREADS = args.kernel_threads
+        rasterize = raster_cpu.rasterize
+    elif backend == "torch":
+        rasterize = raster_torch.rasterize
+    else:
+        sys.path.insert(0, HERE)
+        from dense import render_dense
+
+        rasterize = render_dense
+
+    generator = torch.Generator().manual_seed(args.seed)
+    geometry = VolumeGeometry(scenario.volume_zyx)
+    views = make_views(["xy", "xz", "yz"], geometry, scenario.resolution)
+    truth = random_gaussians(torch, scenario.num_gaussians, geometry, generator)
+    start = perturbed(torch, truth, generator)
+    params = {n: v.clone().requires_grad_(True) for n, v in start.items()}
+
+    def projection_of(p: dict) -> Projection:
+        return project(p["means"], covariance(p["log_scales"], p["quaternions"]), torch.exp(p["log_amplitudes"]), views)
+
+    if backend == "cpu":
+        # First call: loads (or compiles) the float32 kernels, forward and backward.
+        begin = time.perf_counter()
+        leaf = projection_of({n: v.detach() for n, v in start.items()})
+        leaf = Projection(*(t.requires_grad_(True) for t in (leaf.means2d, leaf.conics, leaf.amplitudes)),
+                          leaf.rects, leaf.shapes)  # fmt: skip
+        sum(image.sum() for image in rasterize(leaf, MODE, BETA)).backward()
+        first_call_s = time.perf_counter() - begin
+    with torch.no_grad():
+        targets = [image.clamp(0, 1) for image in rasterize(projection_of(truth), MODE, BETA)]
+
+    longest = float(max(geometry.extent_xyz))
+    optimizer = torch.optim.Adam([
+        {"params": [params["means"]], "lr": LR * longest},
+        {"params": [params["log_scales"]], "lr": 0.1 * LR},
+        {"params": [params["quaternions"]], "lr": 0.1 * LR},
+        {"params": [params["log_amplitudes"]], "lr": LR},
+    ])  # fmt: skip
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        images = rasterize(projection_of(params), MODE, BETA)
+        loss = sum(mse(i, t) + LAMBDA_SSIM * (1 - ssim(i, t)) for i, t in zip(images, targets)) / len(images)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP)
+        optimizer.step()
+        return float(loss)
+
+    rounds = 1 if args.smoke else args.rounds
+    seconds = 0.2 if args.smoke else (args.seconds or ROUND_SECONDS[backend])
+    max_steps = 2 if args.smoke else 10_000
+    losses = [step()]  # warm-up (and the first loss)
+    # Peak memory of training and timing, above the warm process (imports, JIT, scene, targets, optimizer state).
+    resettable = reset_peak_rss()
+    baseline = rss_mib()
+    step_s = timed_rounds(lambda: losses.append(step()), rounds, seconds, max_steps)
+
+    # Rasteriser alone on a fixed projection: forward, then forward + backward.
+    with torch.no_grad():
+        fixed = projection_of(params)
+    leaf = Projection(*(t.detach().clone().requires_grad_(True) for t in (fixed.means2d, fixed.conics, fixed.amplitudes)),
+                      fixed.rects, fixed.shapes)  # fmt: skip
+    grads = [torch.randn(view.shape, generator=generator) for view in views]
+    with torch.no_grad():
+        forward_s = timed_rounds(lambda: rasterize(leaf, MODE, BETA), rounds, seconds / 2, max_steps)
+    both_s = timed_rounds(lambda: torch.autograd.backward(rasterize(leaf, MODE, BETA), grads), rounds, seconds / 2,
+                          max_steps)  # fmt: skip
+    result.update(
+        steps_per_s_best=1 / min(step_s),
+        steps_per_s_median=1 / statistics.median(step_s),
+        forward_ms=1e3 * min(forward_s),
+        backward_ms=1e3 * (min(both_s) - min(forward_s)),
+        peak_mib=peak_rss_mib() - baseline if resettable else math.nan,
+        process_peak_mib=peak_rss_mib(),
+        first_call_s=first_call_s,
+        loss_first_last=(losses[0], losses[-1]),
+        views=[list(view.shape) for view in views],
+    )
+    return result
+
+
+def local_mse(a, b):  # pragma: no cover - stand-in, see run_child
+    return ((a - b) ** 2).mean()
+
+
+def local_ssim(a, b):  # pragma: no cover - stand-in, see run_child
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    x = torch.arange(11, dtype=a.dtype) - 5
+    w = torch.exp(-0.5 * (x / 1.5) ** 2)
+    w = w / w.sum()
+
+    def blur(img):
+        img = F.conv2d(img[None, None], w.view(1, 1, 1, -1))
+        return F.conv2d(img, w.view(1, 1, -1, 1))[0, 0]
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
+
+
+def cold_first_call(args: argparse.Namespace) -> float:
+    """Seconds of the first cpu-backend call (float32, forward + backward) with an empty numba cache."""
+    code = (
+        "import time, torch; t = time.perf_counter();"
+        "from napari_neurogs_mip.render import raster_cpu;"
+        "from napari_neurogs_mip.render.project import Projection;"
+        "p = Projection(torch.tensor([[[3.0, 4.0]]], requires_grad=True), torch.tensor([[[0.5, 0.1, 0.5]]]),"
+        " torch.tensor([[0.7]]), torch.tensor([[[0, 0, 7, 7]]], dtype=torch.int32), [(8, 8)]);"
+        "sum(i.sum() for i in raster_cpu.rasterize(p, 'soft', 50.0)).backward();"
+        "print(time.perf_counter() - t)"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes spent busy since boot (``/proc/stat``); NaN where unavailable."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return math.nan
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds used by finished child processes of this process."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_measured(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``command``; also return the share of the machine's CPUs other processes used meanwhile."""
+    busy, own, begin = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - begin
+    foreign = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - own)
+    return done, max(0.0, foreign) / (wall * (os.cpu_count() or 1))
+
+
+def cpu_pressure() -> str:
+    """The kernel's CPU pressure line (share of time runnable tasks waited for a CPU), if available."""
+    try:
+        with open("/proc/pressure/cpu") as handle:
+            return handle.readline().strip()
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args)))
+        return 0
+    import torch
+
+    table = SMOKE if args.smoke else SCENARIOS
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print(f"bench_cpu: unknown scenarios {unknown}; choose from {sorted(table)}")
+        return 2
+    has_dense = os.path.exists(os.path.join(HERE, "dense.py"))
+    print(f"bench_cpu: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
+          f"{args.torch_threads or torch.get_num_threads()}, kernel threads {args.kernel_threads or 'as torch'}")  # fmt: skip
+    print(f"mode {MODE}, beta {BETA}, loss mean over views of MSE + {LAMBDA_SSIM} (1 - SSIM), Adam + clip {GRAD_CLIP}")
+    print(f"cpu pressure before: {cpu_pressure()}")
+    if not has_dense:
+        print("dense baseline: benchmarks/dense.py not found, skipped")
+    passthrough = ["--rounds", str(args.rounds), "--seed", str(args.seed)]
+    for flag, value in (("--seconds", args.seconds), ("--torch-threads", args.torch_threads),
+                        ("--kernel-threads", args.kernel_threads)):  # fmt: skip
+        if value:
+            passthrough += [flag, str(value)]
+    if args.smoke:
+        passthrough.append("--smoke")
+    for name in names:
+        scenario = table[name]
+        results = {}
+        for backend in scenario.backends:
+            if backend not in wanted or (backend == "dense" and not has_dense):
+                continue
+            command = [sys.executable, os.path.abspath(__file__), "--child", name, backend, *passthrough]
+            done, foreign = run_measured(command)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                print(f"{name} {backend}: FAILED\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                continue
+            results[backend] = json.loads(lines[-1][len("RESULT ") :])
+            results[backend]["foreign"] = foreign
+        if not results:
+            continue
+        first = next(iter(results.values()))
+        shapes = ", ".join("x".join(map(str, shape)) for shape in first["views"])
+        print(f"\n== {name}: K = {scenario.num_gaussians:,}, views {shapes}, loss from {first['loss']}")
+        print(f"{'backend':<8} {'step it/s':>10} {'(median)':>9} {'fwd ms':>9} {'bwd ms':>9} {'peak MiB':>9} "
+              f"{'RSS MiB':>8} {'others':>7} {'loss first -> last':>22}")  # fmt: skip
+        for backend, r in results.items():
+            loss0, loss1 = r["loss_first_last"]
+            print(f"{backend:<8} {r['steps_per_s_best']:>10.2f} {r['steps_per_s_median']:>9.2f} {r['forward_ms']:>9.2f} "
+                  f"{r['backward_ms']:>9.2f} {r['peak_mib']:>9.1f} {r['process_peak_mib']:>8.0f} "
+                  f"{r['foreign']:>6.0%} {loss0:>10.5f} -> {loss1:.5f}")  # fmt: skip
+        if "cpu" in results:
+            cpu = results["cpu"]
+            for other in ("torch", "dense"):
+                if other in results:
+                    o = results[other]
+                    print(f"cpu vs {other}: step {cpu['steps_per_s_best'] / o['steps_per_s_best']:.1f}x faster, "
+                          f"forward {o['forward_ms'] / cpu['forward_ms']:.1f}x, "
+                          f"backward {o['backward_ms'] / cpu['backward_ms']:.1f}x, "
+                          f"step peak memory {cpu['peak_mib']:.1f} vs {o['peak_mib']:.1f} MiB")  # fmt: skip
+            print(f"cpu first call (float32 forward + backward, numba cache as found): {cpu['first_call_s']:.2f} s")
+    if args.cold:
+        print(f"\ncpu first call with an empty numba cache (compiles float32 kernels): {cold_first_call(args):.1f} s")
+    print(f"\ncpu pressure after: {cpu_pressure()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

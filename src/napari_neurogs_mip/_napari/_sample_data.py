@@ -1,0 +1,52 @@
+"""Sample data contributions: the procedural neuron volume and a matching initial model.
+
+Both are made by the core (:func:`napari_neurogs_mip.sample.sample_volume`,
+:func:`napari_neurogs_mip.init.init_from_volume`), with fixed seeds, so they
+are the same on every machine and line up in world (physical) coordinates.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from ..frames import Frame, VolumeGeometry
+from ..init import init_from_volume
+from ..sample import sample_volume
+from ..targets import Normalization
+from ._layers import LayerDataTuple, model_to_points, volume_image
+
+SAMPLE_GAUSSIANS = 2000
+"""Gaussians in the sample's initial model (the command line's default)."""
+
+
+@lru_cache(maxsize=1)
+def _sample() -> tuple[np.ndarray, VolumeGeometry]:
+    # Making the sample takes about a second; it is the same every time.
+    volume, geometry = sample_volume()
+    volume.setflags(write=False)
+    return volume, geometry
+
+
+def sample_neuron() -> list[LayerDataTuple]:
+    """The built-in procedural neuron: 40 x 128 x 128 voxels of 1.5 x 0.5 x 0.5 um."""
+    volume, geometry = _sample()
+    volume = volume.copy()
+    data, kwargs, kind = volume_image(volume, geometry, "sample neuron")
+    kwargs["metadata"] = {"neurogs_sample": True}
+    return [(data, kwargs, kind)]
+
+
+def sample_initial_model(num_gaussians: int = SAMPLE_GAUSSIANS) -> list[LayerDataTuple]:
+    """An initial model for the sample neuron: Gaussians on its bright voxels, as a Points layer.
+
+    The intensities are normalised with the same rule as a fit's targets
+    (``background``), so the amplitudes are what a fit would start from.  Saving
+    the layer (File > Save Selected Layers, ``.pt``) writes a checkpoint in the
+    NeuRoGS frame, like the command line's initial models.
+    """
+    volume, geometry = _sample()
+    low, high = Normalization().fit([volume.max(axis=axis) for axis in range(3)])
+    model = init_from_volume(volume, geometry, num_gaussians, low, high).to_frame(Frame.NEUROGS, geometry)
+    return [model_to_points(model, name="sample initial model", extra={"family": "initial", "iteration": 0})]

@@ -1,0 +1,634 @@
+"""Fast CPU rasteriser: numba kernels, SIMD over 16-pixel rows, threads over tiles and Gaussians.
+
+Same math and cut-off as the reference (``raster_torch.py``): pixel ``p`` receives
+Gaussian ``k`` of a view when ``p`` lies in ``k``'s rectangle and
+``q = A dx^2 + 2 B dx dy + C dy^2 <= CUTOFF_SIGMA^2``, evaluated in the same
+order and precision as the reference so both include the same pixels;
+``g = a exp(-q / 2)``.
+
+Layout
+    Each view is processed in a *kernel layout*: rows of ``LANES`` (16) pixels
+    that LLVM vectorises (AVX2 / AVX-512).  A view whose footprints are mostly
+    taller than wide (e.g. ``xz`` at 128 x 128 of a 100 x 647 x 813 stack: 6.4 x
+    0.8 voxel pixels) is stored transposed, so that the long axis of the
+    footprints runs along the lanes.  Row strides are padded so that 16 lanes
+    starting at any pixel of a row stay in memory; lanes outside a footprint
+    are masked, never branched on.
+Forward
+    Gaussians are binned by (view, tile); each tile is rendered by one worker
+    (no atomics) in two passes over its Gaussians: (1) the per-pixel maximum
+    ``m`` in the log domain (``log a - q / 2``: no exponential), then (2)
+    ``S = sum exp(beta (g - m))`` and ``W = sum g exp(beta (g - m))``;
+    ``out = W / S``.  Knowing the maximum first removes the running rescale and
+    its unpredictable branch.  Hard MIP is pass (1) plus the index of the
+    maximising Gaussian.
+Backward
+    Workers over Gaussians: each (view, Gaussian) walks its own rectangle and
+    reads ``dL/dout``, ``out``, ``m`` and ``1 / S`` of its pixels, so every
+    gradient is written by exactly one worker (no atomics, deterministic).
+    ``d out / d g = s (1 + beta (g - out))`` with ``s = exp(beta (g - m)) / S``.
+
+Exponentials are inline polynomials (Cephes ``expf`` / ``exp``: <= 1 ulp in
+float32, <= 2 ulp in float64) so that the loops vectorise without SVML.
+Memory is O(pixels + Gaussians); nothing is stored per (pixel, Gaussian) pair.
+
+Threads: the kernels release the GIL and run on a private thread pool of
+``THREADS`` (default ``torch.get_num_threads()``) threads.  numba's own ``parallel=True`` is avoided
+on purpose: its OpenMP layer loads a second OpenMP runtime next to PyTorch's,
+and the idle threads of each spin on the cores the other needs (measured: a
+full training step 25x slower); its workqueue layer is process-global and
+aborts on concurrent calls (a GUI thread and a fit thread).
+Kernels are compiled once per dtype (float32 for training, float64 for tests)
+and cached on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from .project import CUTOFF_SIGMA, Projection
+from .raster_torch import MODES, pixel_offsets, split_views
+
+try:
+    from numba import njit, types
+    from numba.extending import overload
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as error:  # pragma: no cover - exercised only without numba
+    _IMPORT_ERROR = f"cpu backend unavailable: numba cannot be imported ({error})"
+
+LANES = 16
+"""Pixels per vector row, and the tile size along the lane axis."""
+TILE_ROWS = 16
+"""Rows per tile (forward pass)."""
+THREADS: int | None = None
+"""Threads of the kernels; ``None`` follows ``torch.get_num_threads()``."""
+ORIENTATION = "auto"
+"""Kernel layout of each view: ``auto`` (fewest vector rows), ``rows`` or ``columns`` (transposed); for tests."""
+
+_CUTOFF = CUTOFF_SIGMA**2
+_LANE_SHIFT = LANES.bit_length() - 1
+_ROW_SHIFT = TILE_ROWS.bit_length() - 1
+assert 1 << _LANE_SHIFT == LANES and 1 << _ROW_SHIFT == TILE_ROWS, "tile sides must be powers of two"
+_TASKS_PER_THREAD = 4  # more tasks than threads balance uneven tiles
+
+# Per-view layout columns (int64 array [V, _NUM_LAYOUT]).
+_H, _W, _IMAGE_OFFSET, _TRANSPOSED, _ROWS, _LEN, _STRIDE, _OFFSET, _TILES_L, _TILES_R, _TILE_OFFSET = range(11)
+_NUM_LAYOUT = 11
+
+
+def unavailable_reason() -> str | None:
+    """Why this backend cannot run here, or ``None``."""
+    return _IMPORT_ERROR
+
+
+# --------------------------------------------------------------------------- exponentials
+
+
+def _expf(x):  # pragma: no cover - compiled by numba
+    """float32 ``exp`` (Cephes ``expf``), argument clamped to the finite range."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    # Round x / ln 2 to an integer with the 1.5 * 2^23 trick; the low bits of t hold that integer.
+    t = x * np.float32(1.4426950408889634) + np.float32(12582912.0)
+    n = t - np.float32(12582912.0)
+    r = x - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    bits = np.int32((np.float32(t).view(np.int32) - np.int32(0x4B400000) + np.int32(127)) << np.int32(23))
+    return p * bits.view(np.float32)
+
+
+def _expd(x):  # pragma: no cover - compiled by numba
+    """float64 ``exp`` (Cephes Pade form), argument clamped to the finite range."""
+    x = min(max(x, -708.0), 709.0)
+    t = x * 1.4426950408889634 + 6755399441055744.0
+    n = t - 6755399441055744.0
+    r = x - n * 6.93145751953125e-1
+    r = r - n * 1.42860682030941723212e-6
+    xx = r * r
+    px = r * ((1.26177193074810590878e-4 * xx + 3.02994407707441961300e-2) * xx + 9.99999999999999999910e-1)
+    qx = ((3.00198505138664455042e-6 * xx + 2.52448340349684104192e-3) * xx + 2.27265548208155028766e-1) * xx + 2.0
+    e = 1.0 + 2.0 * (px / (qx - px))
+    bits = np.int64((np.float64(t).view(np.int64) - np.int64(0x4338000000000000) + np.int64(1023)) << np.int64(52))
+    return e * bits.view(np.float64)
+
+
+def _exp(x):  # pragma: no cover - replaced by the overload inside kernels
+    """Inline, vectorisable ``exp`` for float32 and float64 (kernels only)."""
+    raise NotImplementedError
+
+
+if _IMPORT_ERROR is None:
+
+    @overload(_exp, inline="always")
+    def _exp_overload(x):
+        if x == types.float32:
+            return _expf
+        if x == types.float64:
+            return _expd
+        return None
+
+    _jit = njit(cache=True)
+    _kernel = njit(cache=True, nogil=True)
+else:  # pragma: no cover
+
+    def _jit(function):
+        return function
+
+    _kernel = _jit
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@_jit
+def _orientation_costs(rects: np.ndarray, v: int) -> tuple[int, int]:
+    """Vector rows the footprints of view ``v`` need in row layout and in transposed layout."""
+    plain = 0
+    flipped = 0
+    for k in range(rects.shape[1]):
+        x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
+        if x0 > x1 or y0 > y1:
+            continue
+        plain += (x1 // LANES - x0 // LANES + 1) * (y1 - y0 + 1)
+        flipped += (y1 // LANES - y0 // LANES + 1) * (x1 - x0 + 1)
+    return plain, flipped
+
+
+@_jit
+def _bin(rects: np.ndarray, layout: np.ndarray, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin (view, Gaussian) pairs by the kernel-layout tiles their rectangles touch.
+
+    Returns ``starts`` [T + 1] and ``items`` (Gaussian indices): tile ``t`` holds
+    ``items[starts[t]:starts[t + 1]]`` in increasing Gaussian order.
+    """
+    num_views, num_gaussians = rects.shape[0], rects.shape[1]
+    counts = np.zeros(num_tiles + 1, np.int64)
+    for sweep in range(2):
+        if sweep == 1:
+            starts = np.cumsum(counts)
+            fill = starts[:-1].copy()
+            items = np.empty(starts[-1], np.int32)
+        for v in range(num_views):
+            transposed, tiles_l, tile_offset = layout[v, _TRANSPOSED], layout[v, _TILES_L], layout[v, _TILE_OFFSET]
+            for k in range(num_gaussians):
+                x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
+                if x0 > x1 or y0 > y1:
+                    continue
+                l0, l1, r0, r1 = (y0, y1, x0, x1) if transposed else (x0, x1, y0, y1)
+                # Bounds are >= 0, so shifts are the floor divisions by the (power-of-two) tile sides.
+                for tr in range(r0 >> _ROW_SHIFT, (r1 >> _ROW_SHIFT) + 1):
+                    for tl in range(l0 >> _LANE_SHIFT, (l1 >> _LANE_SHIFT) + 1):
+                        t = tile_offset + tr * tiles_l + tl
+                        if sweep == 0:
+                            counts[t + 1] += 1
+                        else:
+                            items[fill[t]] = k
+                            fill[t] += 1
+    return starts, items
+
+
+@_kernel
+def _forward(
+    means2d: np.ndarray,
+    conics: np.ndarray,
+    amps: np.ndarray,
+    rects: np.ndarray,
+    layout: np.ndarray,
+    tile_view: np.ndarray,
+    starts: np.ndarray,
+    items: np.ndarray,
+    coords: np.ndarray,
+    soft: bool,
+    beta: float,
+    half: float,
+    cutoff: float,
+    worker: int,
+    num_workers: int,
+    image: np.ndarray,
+    out_k: np.ndarray,
+    peak_k: np.ndarray,
+    inv_norm_k: np.ndarray,
+    argmax_k: np.ndarray,
+) -> None:
+    """Render the tiles ``worker, worker + num_workers, ...``.
+
+    Writes ``image`` (row-major views) and, in kernel layout, what the backward
+    pass reads: ``out_k`` and (soft) ``peak_k`` = m, ``inv_norm_k`` = 1 / S, or
+    (hard) ``argmax_k`` (-1 where no Gaussian reaches).  ``beta``, ``half`` and
+    ``cutoff`` carry the image dtype so that float32 stays float32.
+    """
+    num_tiles = tile_view.shape[0]
+    zero = half - half
+    one = half + half
+    lowest = -np.inf * one
+    # Tile-local state, row-major [TILE_ROWS, LANES]: stays in L1; the lane loops below vectorise over it.
+    best = np.empty(TILE_ROWS * LANES, image.dtype)
+    norm = np.empty(TILE_ROWS * LANES, image.dtype)
+    weighted = np.empty(TILE_ROWS * LANES, image.dtype)
+    arg = np.empty(TILE_ROWS * LANES, np.int32)
+    # Neighbouring tiles cost about the same, so striding gives every worker a fair share of every view.
+    for t in range(worker, num_tiles, num_workers):
+        v = tile_view[t]
+        transposed = layout[v, _TRANSPOSED] != 0
+        local = t - layout[v, _TILE_OFFSET]
+        tiles_l = layout[v, _TILES_L]
+        lane0 = (local % tiles_l) * LANES
+        row0 = (local // tiles_l) * TILE_ROWS
+        num_rows = min(TILE_ROWS, layout[v, _ROWS] - row0)
+        u0 = np.uint64(lane0)
+        best[:] = lowest
+        norm[:] = zero
+        weighted[:] = zero
+        arg[:] = -1
+        # Pass 1: per-pixel maximum of log g = log a - q / 2, and the Gaussian that reaches it.
+        for j in range(starts[t], starts[t + 1]):
+            k = items[j]
+            mx, my = means2d[v, k, 0], means2d[v, k, 1]
+            ca, cb, cc = conics[v, k, 0], conics[v, k, 1], conics[v, k, 2]
+            cb2 = cb + cb  # the reference's 2 * B, without promoting float32 to float64
+            log_amp = np.log(amps[v, k])
+            if transposed:
+                l0, l1, r0, r1 = rects[v, k, 1], rects[v, k, 3], rects[v, k, 0], rects[v, k, 2]
+            else:
+                l0, l1, r0, r1 = rects[v, k, 0], rects[v, k, 2], rects[v, k, 1], rects[v, k, 3]
+            lo, hi = l0 - lane0, l1 - lane0
+            for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
+                fixed = coords[r]
+                row = np.uint64((r - row0) * LANES)
+                for lane in range(LANES):
+                    ul = np.uint64(lane)
+                    if transposed:
+                        dx = fixed - mx
+                        dy = coords[u0 + ul] - my
+                    else:
+                        dx = coords[u0 + ul] - mx
+                        dy = fixed - my
+                    q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+                    value = log_amp - half * q
+                    i = row + ul
+                    better = (lane >= lo) & (lane <= hi) & (q <= cutoff) & (value > best[i])
+                    best[i] = value if better else best[i]
+                    arg[i] = k if better else arg[i]
+        for i in range(num_rows * LANES):
+            best[i] = _exp(best[i])
+        if soft:
+            # Pass 2: softmax sums, the maximum known (no rescaling).
+            for j in range(starts[t], starts[t + 1]):
+                k = items[j]
+                mx, my = means2d[v, k, 0], means2d[v, k, 1]
+                ca, cb, cc = conics[v, k, 0], conics[v, k, 1], conics[v, k, 2]
+                cb2 = cb + cb
+                amp = amps[v, k]
+                if transposed:
+                    l0, l1, r0, r1 = rects[v, k, 1], rects[v, k, 3], rects[v, k, 0], rects[v, k, 2]
+                else:
+                    l0, l1, r0, r1 = rects[v, k, 0], rects[v, k, 2], rects[v, k, 1], rects[v, k, 3]
+                lo, hi = l0 - lane0, l1 - lane0
+                for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
+                    fixed = coords[r]
+                    row = np.uint64((r - row0) * LANES)
+                    for lane in range(LANES):
+                        ul = np.uint64(lane)
+                        if transposed:
+                            dx = fixed - mx
+                            dy = coords[u0 + ul] - my
+                        else:
+                            dx = coords[u0 + ul] - mx
+                            dy = fixed - my
+                        q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+                        # Masked lanes compute with q clamped to the cut-off: their values are discarded,
+                        # and the clamp keeps them out of (very slow) subnormal arithmetic.
+                        g = amp * _exp(-half * min(q, cutoff))
+                        i = row + ul
+                        e = _exp(beta * (g - best[i]))
+                        e = e if (lane >= lo) & (lane <= hi) & (q <= cutoff) else zero
+                        norm[i] += e
+                        weighted[i] += g * e
+        # Write back: kernel layout for the backward pass, row-major image for the caller.
+        width, image_offset = layout[v, _W], layout[v, _IMAGE_OFFSET]
+        stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
+        lanes = min(LANES, layout[v, _LEN] - lane0)
+        last_tile = lane0 + LANES == tiles_l * LANES
+        for r in range(num_rows):
+            base = np.uint64(offset + (row0 + r) * stride + lane0)
+            row = np.uint64(r * LANES)
+            for lane in range(LANES):
+                ul = np.uint64(lane)
+                i = row + ul
+                p = base + ul
+                if soft:
+                    s = norm[i]
+                    covered = s > zero
+                    weighted[i] = weighted[i] / s if covered else zero
+                    peak_k[p] = best[i]
+                    inv_norm_k[p] = one / s if covered else zero
+                else:
+                    weighted[i] = best[i] if arg[i] >= 0 else zero
+                    argmax_k[p] = arg[i]
+                out_k[p] = weighted[i]
+                if last_tile:
+                    # The last tile of a row also clears the row's padding, which the backward pass reads (masked).
+                    pad = p + np.uint64(LANES)
+                    out_k[pad] = zero
+                    if soft:
+                        peak_k[pad] = zero
+                        inv_norm_k[pad] = zero
+                    else:
+                        argmax_k[pad] = -1
+            if transposed:
+                for lane in range(lanes):
+                    image[image_offset + (lane0 + lane) * width + row0 + r] = weighted[row + np.uint64(lane)]
+            else:
+                target = np.uint64(image_offset + (row0 + r) * width + lane0)
+                for lane in range(lanes):
+                    image[target + np.uint64(lane)] = weighted[row + np.uint64(lane)]
+
+
+@_jit
+def _to_kernel_layout(flat: np.ndarray, layout: np.ndarray, total: int) -> np.ndarray:
+    """Copy a flat row-major buffer of all views into kernel layout (zero padding)."""
+    result = np.empty(total, flat.dtype)
+    for v in range(layout.shape[0]):
+        height, width, image_offset = layout[v, _H], layout[v, _W], layout[v, _IMAGE_OFFSET]
+        stride, offset, rows, length = layout[v, _STRIDE], layout[v, _OFFSET], layout[v, _ROWS], layout[v, _LEN]
+        for r in range(rows):
+            result[offset + r * stride + length : offset + (r + 1) * stride] = 0
+        if layout[v, _TRANSPOSED] != 0:
+            for y in range(height):
+                for x in range(width):
+                    result[offset + x * stride + y] = flat[image_offset + y * width + x]
+        else:
+            for y in range(height):
+                result[offset + y * stride : offset + y * stride + width] = flat[
+                    image_offset + y * width : image_offset + (y + 1) * width
+                ]
+    return result
+
+
+@_kernel
+def _backward(
+    means2d: np.ndarray,
+    conics: np.ndarray,
+    amps: np.ndarray,
+    rects: np.ndarray,
+    layout: np.ndarray,
+    coords: np.ndarray,
+    soft: bool,
+    beta: float,
+    half: float,
+    cutoff: float,
+    worker: int,
+    num_workers: int,
+    grad_k: np.ndarray,
+    out_k: np.ndarray,
+    peak_k: np.ndarray,
+    inv_norm_k: np.ndarray,
+    argmax_k: np.ndarray,
+    grad_means: np.ndarray,
+    grad_conics: np.ndarray,
+    grad_amps: np.ndarray,
+) -> None:
+    """Gradients of Gaussians ``worker, worker + num_workers, ...`` in every view.
+
+    ``d g / d a = exp(-q / 2)`` and ``d g / d q = -g / 2``; ``q`` is linear in
+    ``(A, B, C)`` and quadratic in ``(dx, dy) = pixel - mean``.  Lane-wise
+    partial sums are reduced in float64.
+    """
+    num_views, num_gaussians = amps.shape
+    zero = half - half
+    one = half + half
+    # Lane-wise partial sums of dg exp(-q/2), dq dx, dq dy, dq dx^2, dq dx dy, dq dy^2.
+    acc = np.empty((6, LANES), grad_k.dtype)
+    for k in range(worker, num_gaussians, num_workers):
+        for v in range(num_views):
+            x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
+            transposed = layout[v, _TRANSPOSED] != 0
+            stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
+            mx, my = means2d[v, k, 0], means2d[v, k, 1]
+            ca, cb, cc = conics[v, k, 0], conics[v, k, 1], conics[v, k, 2]
+            cb2 = cb + cb
+            amp = amps[v, k]
+            if transposed:
+                l0, l1, r0, r1 = y0, y1, x0, x1
+            else:
+                l0, l1, r0, r1 = x0, x1, y0, y1
+            if x0 > x1:  # culled: an empty row range
+                r1 = r0 - 1
+            acc[:] = zero
+            for r in range(r0, r1 + 1):
+                fixed = coords[r]
+                base = offset + r * stride
+                for c0 in range(l0, l1 + 1, LANES):
+                    p0 = np.uint64(base + c0)
+                    cu = np.uint64(c0)
+                    last = l1 - c0
+                    for lane in range(LANES):
+                        ul = np.uint64(lane)
+                        if transposed:
+                            dx = fixed - mx
+                            dy = coords[cu + ul] - my
+                        else:
+                            dx = coords[cu + ul] - mx
+                            dy = fixed - my
+                        q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+                        e = _exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
+                        g = amp * e
+                        inside = (lane <= last) & (q <= cutoff)
+                        p = p0 + ul
+                        if soft:
+                            s = _exp(beta * (g - peak_k[p])) * inv_norm_k[p]
+                            dg = grad_k[p] * s * (one + beta * (g - out_k[p]))
+                        else:
+                            inside = inside & (argmax_k[p] == k)
+                            dg = grad_k[p]
+                        dg = dg if inside else zero
+                        dq = -half * dg * g
+                        acc[0, ul] += dg * e
+                        acc[1, ul] += dq * dx
+                        acc[2, ul] += dq * dy
+                        acc[3, ul] += dq * dx * dx
+                        acc[4, ul] += dq * dx * dy
+                        acc[5, ul] += dq * dy * dy
+            s_a = s_x = s_y = s_xx = s_xy = s_yy = 0.0
+            for lane in range(LANES):
+                s_a += float(acc[0, lane])
+                s_x += float(acc[1, lane])
+                s_y += float(acc[2, lane])
+                s_xx += float(acc[3, lane])
+                s_xy += float(acc[4, lane])
+                s_yy += float(acc[5, lane])
+            fa, fb, fc = float(ca), float(cb), float(cc)
+            grad_amps[v, k] = s_a
+            grad_conics[v, k, 0] = s_xx
+            grad_conics[v, k, 1] = 2 * s_xy
+            grad_conics[v, k, 2] = s_yy
+            # d q / d mean = -(d q / d dx, d q / d dy) = -2 (A dx + B dy, B dx + C dy).
+            grad_means[v, k, 0] = -2 * (fa * s_x + fb * s_y)
+            grad_means[v, k, 1] = -2 * (fb * s_x + fc * s_y)
+
+
+# --------------------------------------------------------------------------- threads
+
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] = (0, 0)
+_pool_lock = threading.Lock()
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """The shared pool of ``threads`` threads (rebuilt after a fork or a change of ``threads``)."""
+    global _pool, _pool_key
+    key = (os.getpid(), threads)
+    with _pool_lock:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raster_cpu")
+            _pool_key = key
+        return _pool
+
+
+def _parallel(kernel: Callable, before: tuple, after: tuple, work: int) -> None:
+    """Run ``kernel(*before, worker, num_workers, *after)`` for every worker, on the pool."""
+    threads = max(1, THREADS or torch.get_num_threads())
+    workers = max(1, min(work, threads * _TASKS_PER_THREAD if threads > 1 else 1))
+    if workers == 1:
+        kernel(*before, 0, 1, *after)
+        return
+    pool = _executor(threads)
+    futures = [pool.submit(kernel, *before, worker, workers, *after) for worker in range(workers)]
+    for future in futures:
+        future.result()
+
+
+# --------------------------------------------------------------------------- torch glue
+
+
+def _layout(shapes: list[tuple[int, int]], rects: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-view layout rows (columns ``_H`` ... ``_TILE_OFFSET``), the view of every tile, kernel-layout size."""
+    offsets = pixel_offsets(shapes)
+    layout = np.zeros((len(shapes), _NUM_LAYOUT), np.int64)
+    tile_views: list[np.ndarray] = []
+    tile_offset = kernel_offset = 0
+    for v, (height, width) in enumerate(shapes):
+        if ORIENTATION == "auto":
+            plain, flipped = _orientation_costs(rects, v)
+            transposed = flipped < plain
+        else:
+            transposed = ORIENTATION == "columns"
+        rows, length = (width, height) if transposed else (height, width)
+        # Pad rows so that LANES lanes starting at any pixel of a row stay inside the buffer.
+        stride = -(-length // LANES) * LANES + LANES
+        tiles_l, tiles_r = -(-length // LANES), -(-rows // TILE_ROWS)
+        layout[v] = (
+            height, width, offsets[v], int(transposed), rows, length, stride, kernel_offset, tiles_l, tiles_r,
+            tile_offset,
+        )  # fmt: skip
+        tile_views.append(np.full(tiles_l * tiles_r, v, np.int32))
+        tile_offset += tiles_l * tiles_r
+        kernel_offset += rows * stride
+    return layout, np.concatenate(tile_views), kernel_offset
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _scalars(dtype: torch.dtype, beta: float) -> tuple:
+    """``beta``, 1/2 and the cut-off as numpy scalars of the image dtype (keeps float32 kernels in float32)."""
+    scalar = np.float32 if dtype == torch.float32 else np.float64
+    return scalar(beta), scalar(0.5), scalar(_CUTOFF)
+
+
+class _Rasterize(torch.autograd.Function):
+    """Flat buffer of all views' pixels from (means2d, conics, amplitudes)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        means2d: torch.Tensor,
+        conics: torch.Tensor,
+        amplitudes: torch.Tensor,
+        rects: torch.Tensor,
+        shapes: list[tuple[int, int]],
+        mode: str,
+        beta: float,
+    ) -> torch.Tensor:
+        dtype = means2d.dtype
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        rects_np = _numpy(rects.to(torch.int32))
+        layout, tile_view, total_k = _layout(shapes, rects_np)
+        starts, items = _bin(rects_np, layout, len(tile_view))
+        coords = np.arange(int(layout[:, _STRIDE].max()) + LANES, dtype=np_dtype)
+        soft = mode == "soft"
+        image = torch.empty(pixel_offsets(shapes)[-1], dtype=dtype)
+        # Every element, padding included, is written by ``_forward``.
+        out_k = np.empty(total_k, np_dtype)
+        peak_k = np.empty(total_k if soft else 0, np_dtype)
+        inv_norm_k = np.empty(total_k if soft else 0, np_dtype)
+        argmax_k = np.empty(0 if soft else total_k, np.int32)
+        before = (
+            _numpy(means2d), _numpy(conics), _numpy(amplitudes), rects_np, layout, tile_view, starts, items, coords,
+            soft, *_scalars(dtype, beta),
+        )  # fmt: skip
+        _parallel(_forward, before, (image.numpy(), out_k, peak_k, inv_norm_k, argmax_k), len(tile_view))
+        ctx.save_for_backward(means2d, conics, amplitudes)
+        ctx.arrays = (rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k)
+        ctx.soft, ctx.beta = soft, beta
+        return image
+
+    @staticmethod
+    def backward(ctx: Any, grad_image: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        means2d, conics, amplitudes = ctx.saved_tensors
+        rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k = ctx.arrays
+        dtype = means2d.dtype
+        grad_k = _to_kernel_layout(_numpy(grad_image.to(dtype)), layout, out_k.shape[0])
+        grads = tuple(torch.empty(t.shape, dtype=dtype) for t in (means2d, conics, amplitudes))
+        before = (
+            _numpy(means2d), _numpy(conics), _numpy(amplitudes), rects_np, layout, coords, ctx.soft,
+            *_scalars(dtype, ctx.beta),
+        )  # fmt: skip
+        after = (grad_k, out_k, peak_k, inv_norm_k, argmax_k, *(g.numpy() for g in grads))
+        _parallel(_backward, before, after, means2d.shape[1])
+        return (*grads, None, None, None, None)
+
+
+def rasterize(projection: Projection, mode: str = "soft", beta: float = 50.0) -> list[torch.Tensor]:
+    """Render every view of ``projection`` on the CPU; returns one [H, W] image per view.
+
+    Differentiable w.r.t. ``projection.means2d``, ``conics`` and ``amplitudes``
+    (float32 or float64; other dtypes are computed in float32).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown render mode {mode!r}; expected one of {MODES}")
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(_IMPORT_ERROR)
+    means2d = projection.means2d
+    if means2d.device.type != "cpu":
+        raise ValueError(f"the cpu backend renders CPU tensors, not {means2d.device}")
+    dtype = means2d.dtype if means2d.dtype in (torch.float32, torch.float64) else torch.float32
+    shapes = [(int(h), int(w)) for h, w in projection.shapes]
+    means2d = means2d.to(dtype)
+    conics = projection.conics.to(dtype)
+    amplitudes = projection.amplitudes.to(dtype)
+    if means2d.shape[1] == 0:
+        zeros = torch.zeros(pixel_offsets(shapes)[-1], dtype=dtype)
+        # Keep the graph connected so that callers can always backpropagate.
+        zeros = zeros + 0 * (means2d.sum() + conics.sum() + amplitudes.sum())
+        return split_views(zeros, shapes)
+    flat = _Rasterize.apply(means2d, conics, amplitudes, projection.rects, shapes, mode, float(beta))
+    return split_views(flat, shapes)
