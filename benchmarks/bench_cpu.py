@@ -29,6 +29,9 @@ round (and the median) because a shared machine only ever slows a run down;
 while a row was measured (from ``/proc/stat``): rows with more than a few
 percent are not trustworthy on a small machine.
 Forward/backward ms time the rasteriser alone on a precomputed projection.
+The dense O(H W K) baseline (``benchmarks/dense.py``, when present) takes about
+a minute per S1 step on 2 cores, so it gets one round of one call each (the
+whole script then runs ~8 minutes on 2 cores; ``--backends torch,cpu`` ~3).
 For the ``cpu`` backend the child also reports its first call (forward and
 backward, both dtypes' kernels loaded from numba's on-disk cache, or compiled
 if the cache is cold); ``--cold`` adds a run with an empty cache directory to
@@ -38,7 +41,7 @@ Usage::
 
     python benchmarks/bench_cpu.py                       # S1 and S2, torch vs cpu (+ dense at S1)
     python benchmarks/bench_cpu.py --scenarios S1 --rounds 5 --cold
-    python benchmarks/bench_cpu.py --torch-threads 1 --kernel-threads 2
+    python benchmarks/bench_cpu.py --torch-threads 1          # PyTorch single-threaded, kernels on all CPUs
     python benchmarks/bench_cpu.py --smoke               # tiny scenes: checks the script only
 """
 
@@ -81,8 +84,10 @@ SMOKE = {
     "S1": Scenario("S1", 300, (12, 40, 50), (24, 24), ("torch", "cpu", "dense")),
     "S2": Scenario("S2", 300, (12, 40, 50), None, ("torch", "cpu")),
 }
-# Seconds per timed round and the most steps of a round; the dense baseline takes seconds per step.
-ROUND_SECONDS = {"torch": 3.0, "cpu": 2.0, "dense": 5.0}
+# Seconds per timed round (a round runs at least one call).
+ROUND_SECONDS = {"torch": 3.0, "cpu": 2.0, "dense": 0.0}
+# The dense baseline takes about a minute per S1 step on 2 cores: one round of one call each.
+SINGLE_SHOT = ("dense",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="seconds per round (default per backend)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads in the children")
     parser.add_argument(
-        "--kernel-threads", type=int, default=None, help="threads of the cpu kernels (default: torch's)"
+        "--kernel-threads", type=int, default=None, help="threads of the cpu kernels (default: all CPUs)"
     )
     parser.add_argument("--cold", action="store_true", help="also time a first call with an empty numba cache")
     parser.add_argument("--seed", type=int, default=0)
@@ -242,30 +247,42 @@ def run_child(args: argparse.Namespace) -> dict:
         optimizer.step()
         return float(loss)
 
-    rounds = 1 if args.smoke else args.rounds
+    single = args.smoke or backend in SINGLE_SHOT
+    rounds = 1 if single else args.rounds
     seconds = 0.2 if args.smoke else (args.seconds or ROUND_SECONDS[backend])
-    max_steps = 2 if args.smoke else 10_000
+    max_steps = 2 if args.smoke else (1 if single else 10_000)
     losses = [step()]  # warm-up (and the first loss)
     # Peak memory of training and timing, above the warm process (imports, JIT, scene, targets, optimizer state).
     resettable = reset_peak_rss()
     baseline = rss_mib()
     step_s = timed_rounds(lambda: losses.append(step()), rounds, seconds, max_steps)
 
-    # Rasteriser alone on a fixed projection: forward, then forward + backward.
+    # Rasteriser alone on a fixed projection: forward (with autograd recording, as in training), then backward.
     with torch.no_grad():
         fixed = projection_of(params)
     leaf = Projection(*(t.detach().clone().requires_grad_(True) for t in (fixed.means2d, fixed.conics, fixed.amplitudes)),
                       fixed.rects, fixed.shapes)  # fmt: skip
     grads = [torch.randn(view.shape, generator=generator) for view in views]
-    with torch.no_grad():
-        forward_s = timed_rounds(lambda: rasterize(leaf, MODE, BETA), rounds, seconds / 2, max_steps)
-    both_s = timed_rounds(lambda: torch.autograd.backward(rasterize(leaf, MODE, BETA), grads), rounds, seconds / 2,
-                          max_steps)  # fmt: skip
+    forward_s, backward_s = [], []
+    for _ in range(rounds):
+        spent, count, begin = [0.0, 0.0], 0, time.perf_counter()
+        while True:
+            tick = time.perf_counter()
+            images = rasterize(leaf, MODE, BETA)
+            tock = time.perf_counter()
+            torch.autograd.backward(images, grads)
+            spent[0] += tock - tick
+            spent[1] += time.perf_counter() - tock
+            count += 1
+            if time.perf_counter() - begin >= seconds or count >= max_steps:
+                break
+        forward_s.append(spent[0] / count)
+        backward_s.append(spent[1] / count)
     result.update(
         steps_per_s_best=1 / min(step_s),
         steps_per_s_median=1 / statistics.median(step_s),
         forward_ms=1e3 * min(forward_s),
-        backward_ms=1e3 * (min(both_s) - min(forward_s)),
+        backward_ms=1e3 * min(backward_s),
         peak_mib=peak_rss_mib() - baseline if resettable else math.nan,
         process_peak_mib=peak_rss_mib(),
         first_call_s=first_call_s,
@@ -368,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     has_dense = os.path.exists(os.path.join(HERE, "dense.py"))
     print(f"bench_cpu: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
-          f"{args.torch_threads or torch.get_num_threads()}, kernel threads {args.kernel_threads or 'as torch'}")  # fmt: skip
+          f"{args.torch_threads or torch.get_num_threads()}, kernel threads {args.kernel_threads or 'all CPUs'}")  # fmt: skip
     print(f"mode {MODE}, beta {BETA}, loss mean over views of MSE + {LAMBDA_SSIM} (1 - SSIM), Adam + clip {GRAD_CLIP}")
     print(f"cpu pressure before: {cpu_pressure()}")
     if not has_dense:

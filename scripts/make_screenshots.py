@@ -67,8 +67,16 @@ def save(image: np.ndarray, name: str) -> Path:
     return path
 
 
+def clear_toasts(viewer: napari.Viewer) -> None:
+    """Close notification pop-ups so they do not cover the canvas in the pictures."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    settle(0.3)
+
+
 def main(iterations: int, gaussians: int) -> None:
-    import faulthandler, sys; faulthandler.dump_traceback_later(150, exit=True, file=sys.stderr)
     """Fit the sample and take the screenshots."""
     IMAGES.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(title="napari-neurogs-mip")
@@ -86,13 +94,15 @@ def main(iterations: int, gaussians: int) -> None:
     widget.fit_finished.connect(finished.append)
     widget.start()
     wait(lambda: widget.trainer is not None and widget.trainer.iteration >= iterations // 3)
-    settle(1.0)
+    settle(0.5)
+    clear_toasts(viewer)
     save(viewer.screenshot(canvas_only=False, flash=False), "fit-running.png")
 
     wait(lambda: bool(finished) and widget.state == "idle")
     if "fitted gaussians" in viewer.layers:
         viewer.layers["fitted gaussians"].visible = False  # keep the MIPs in view
     settle(1.0)
+    clear_toasts(viewer)
     save(viewer.screenshot(canvas_only=False, flash=False), "fit-widget.png")
     save(_grab(widget.loss_plot), "loss-curve.png")
 

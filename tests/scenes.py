@@ -41,7 +41,9 @@ class Scene:
 
     def fresh(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Scene:
         """A copy whose parameters are new leaves that require grad."""
-        params = {k: v.detach().to(dtype=dtype, device=device).clone().requires_grad_(True) for k, v in self.params.items()}
+        params = {
+            k: v.detach().to(dtype=dtype, device=device).clone().requires_grad_(True) for k, v in self.params.items()
+        }
         return Scene(self.name, params, self.views, self.eps, self.compensate)
 
 

@@ -14,6 +14,7 @@ from qtpy.QtCore import QTimer
 import napari
 
 from ._layers import field_image, is_model_layer, points_to_model
+from ._threads import start_worker
 
 
 @magic_factory(call_button="Voxelise", points={"label": "Gaussians"})
@@ -39,5 +40,5 @@ def model_field_widget(points: napari.layers.Points) -> FunctionWorker[LayerData
     worker = voxelise()
     # napari connects ``returned`` (to add the layer) after this function returns,
     # and does not start the worker: start it on the next event-loop turn.
-    QTimer.singleShot(0, worker.start)
+    QTimer.singleShot(0, lambda: start_worker(worker))
     return worker

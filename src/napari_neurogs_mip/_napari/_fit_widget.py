@@ -64,6 +64,7 @@ from ._layers import (
     view_layout,
 )
 from ._loss_plot import LossPlot
+from ._threads import start_worker
 from ._triton_guard import guard_triton_import
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-LABEL_WIDTH = 92
+LABEL_WIDTH = 104
 REFRESH_MS = 500
 """Shortest interval between layer updates (the worker may step much faster)."""
 
@@ -257,6 +258,8 @@ class FitWidget(QWidget):
         self._progress_n = 0
         self._last_refresh = 0.0
         self._prefilled_for: str | None = None
+        self._handling = False
+        self._deferred: list[FitUpdate | None] = []
         self._tempdir = tempfile.TemporaryDirectory(prefix="neurogs-mip-")
         self._shutdown = _Shutdown()
         self._build()
@@ -274,7 +277,7 @@ class FitWidget(QWidget):
         from napari.qt.threading import create_worker
 
         self._warm_worker = create_worker(_call_safely, warm_up_renderer)
-        self._warm_worker.start()
+        start_worker(self._warm_worker)
 
     # ================================================================== layout
     def _build(self) -> None:
@@ -766,7 +769,7 @@ class FitWidget(QWidget):
                     f"volume {shape}" + (f" (choose the {extra} leading indices)" if extra else "")
                 )
             else:
-                self.target_info.setText("no Image layer yet: open a volume or File > Open Sample > Fit MIP")
+                self.target_info.setText("no Image layer yet: open a volume or File > Open Sample > NeuRoGS MIP")
         else:
             mips = self.tiff_kind.currentText() == TIFF_MIPS
             extra = 0 if mips else 2
@@ -827,7 +830,7 @@ class FitWidget(QWidget):
         worker.finished.connect(self._on_worker_finished)
         self._worker = worker
         self._set_state(PREPARING)
-        worker.start()
+        start_worker(worker)
 
     def toggle_pause(self) -> None:
         """Pause a running fit, or resume a paused one (the trainer holds between steps)."""
@@ -861,8 +864,31 @@ class FitWidget(QWidget):
         self.settings.setEnabled(not busy)
 
     # ============================================================ fit updates
-    def _on_update(self, update: FitUpdate) -> None:
-        if isinstance(update, StepEvent):
+    def _on_update(self, update: FitUpdate | None) -> None:
+        """Handle one worker event; events that arrive re-entrantly wait for their own turn.
+
+        napari's progress bar processes Qt events when it changes, so a handler
+        could otherwise run inside another one (and their stalls add up).
+        """
+        if self._handling:
+            self._deferred.append(update)
+            return
+        self._handling = True
+        try:
+            self._handle(update)
+        finally:
+            self._handling = False
+        if self._deferred:
+            QTimer.singleShot(0, self._handle_deferred)
+
+    def _handle_deferred(self) -> None:
+        if self._deferred and not self._handling:
+            self._on_update(self._deferred.pop(0))
+
+    def _handle(self, update: FitUpdate | None) -> None:
+        if update is None:
+            self._run_ended()
+        elif isinstance(update, StepEvent):
             self._last_step = update
             self.loss_plot.append(update.terms["loss"])
             if update.images is not None:
@@ -950,7 +976,7 @@ class FitWidget(QWidget):
         how = "stopped" if event.stopped else "finished"
         self.summary_label.setText(
             f"<b>{how} at iteration {event.iteration}</b>"
-            f"<table><tr><th align='left'>view</th><th>PSNR</th><th>SSIM</th></tr>{rows}</table>"
+            f"<table cellpadding='2'><tr><th align='left'>view</th><th>PSNR</th><th>SSIM</th></tr>{rows}</table>"
         )
         line = ", ".join(f"{v} {m['psnr']:.1f} dB / {m['ssim']:.3f}" for v, m in event.metrics.items())
         show_info(f"Fit MIP {how} at iteration {event.iteration}: PSNR / SSIM {line}")
@@ -966,6 +992,10 @@ class FitWidget(QWidget):
         self.fit_failed.emit(failed.message)
 
     def _on_worker_finished(self) -> None:
+        # Queued behind the worker's last events, and never inside another handler.
+        self._on_update(None)
+
+    def _run_ended(self) -> None:
         self._refresh_timer.stop()
         if self._images_dirty:
             self._refresh()
@@ -1081,7 +1111,7 @@ class FitWidget(QWidget):
         worker = create_worker(_call_safely, trainer.save, Path(path))
         worker.returned.connect(self._on_saved)
         self._save_worker = worker
-        worker.start()
+        start_worker(worker)
 
     def _on_saved(self, outcome: tuple[bool, Any]) -> None:
         from napari.utils.notifications import show_error, show_info

@@ -33,6 +33,7 @@ from ..targets import targets_from_volume
 from ..train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
 from ..views import View
 from ._layers import LayerDataTuple, model_to_points
+from ._threads import stop_at_exit
 from ._triton_guard import guard_triton_import
 
 LOGGER = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class FitControl:
         self.pause_requested = False
         self._lock = threading.Lock()
         self._viewer_ready = threading.Event()
+        stop_at_exit(self)
 
     def viewer_ready(self) -> None:
         """Called by the widget once the live layers exist: the fit may step."""
@@ -176,6 +178,8 @@ def fit_events(inputs: FitInputs, config: FitConfig, control: FitControl, snapsh
             inputs.volume = np.asarray(inputs.volume)
         prepared = prepare_fit(inputs)
         stage = "setting up the trainer"
+        with _warm_lock:
+            pass  # a warm-up still loading the kernels finishes first (no point in racing it)
         trainer = Trainer(prepared.model, prepared.targets, config, prepared.checkpoint)
         # Before the first step, so that a pause or stop asked for while preparing holds it.
         control.attach(trainer)

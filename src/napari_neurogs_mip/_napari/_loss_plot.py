@@ -103,6 +103,11 @@ class LossPlot(QWidget):
             painter.drawLine(QPointF(plot.left(), y), QPointF(plot.right(), y))
             painter.setPen(self.text_color)
             painter.drawText(QPointF(2, y + metrics.ascent() / 2 - 1), f"1e{int(tick)}")
+        # The axis ends are half decades: label them too when they are not decades,
+        # so a curve within one decade still has a scale.
+        for end, y in ((low, plot.bottom()), (high, plot.top() + metrics.ascent())):
+            if abs(end - round(end)) > 1e-9:
+                painter.drawText(QPointF(2, y), f"{10**end:.0e}".replace("e-0", "e-"))
         index, shown = _thin(values)
         path = QPainterPath()
         started = False

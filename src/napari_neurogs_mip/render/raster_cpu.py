@@ -33,11 +33,14 @@ float32, <= 2 ulp in float64) so that the loops vectorise without SVML.
 Memory is O(pixels + Gaussians); nothing is stored per (pixel, Gaussian) pair.
 
 Threads: the kernels release the GIL and run on a private thread pool of
-``THREADS`` (default ``torch.get_num_threads()``) threads.  numba's own ``parallel=True`` is avoided
-on purpose: its OpenMP layer loads a second OpenMP runtime next to PyTorch's,
-and the idle threads of each spin on the cores the other needs (measured: a
-full training step 25x slower); its workqueue layer is process-global and
-aborts on concurrent calls (a GUI thread and a fit thread).
+``THREADS`` threads (default: every CPU this process may use, independent of
+``torch.get_num_threads()``, so that a fit may run PyTorch single-threaded,
+which is far more robust on a busy machine, and still rasterise in parallel).
+numba's own ``parallel=True`` is avoided on purpose: its OpenMP layer loads a
+second OpenMP runtime next to PyTorch's, and the idle threads of each spin on
+the cores the other needs (measured: a full training step 25x slower); its
+workqueue layer is process-global and aborts on concurrent calls (a GUI thread
+and a fit thread).
 Kernels are compiled once per dtype (float32 for training, float64 for tests)
 and cached on disk (``cache=True``).
 """
@@ -69,7 +72,7 @@ LANES = 16
 TILE_ROWS = 16
 """Rows per tile (forward pass)."""
 THREADS: int | None = None
-"""Threads of the kernels; ``None`` follows ``torch.get_num_threads()``."""
+"""Threads of the kernels; ``None``: the CPUs this process may use (independent of ``torch.get_num_threads()``)."""
 ORIENTATION = "auto"
 """Kernel layout of each view: ``auto`` (fewest vector rows), ``rows`` or ``columns`` (transposed); for tests."""
 
@@ -92,7 +95,7 @@ def unavailable_reason() -> str | None:
 # --------------------------------------------------------------------------- exponentials
 
 
-def _expf(x):  # pragma: no cover - compiled by numba
+def _expf(x):  # pragma: no cover - compiled by numba; no annotations: numba compares signatures
     """float32 ``exp`` (Cephes ``expf``), argument clamped to the finite range."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
     # Round x / ln 2 to an integer with the 1.5 * 2^23 trick; the low bits of t hold that integer.
@@ -111,7 +114,7 @@ def _expf(x):  # pragma: no cover - compiled by numba
     return p * bits.view(np.float32)
 
 
-def _expd(x):  # pragma: no cover - compiled by numba
+def _expd(x):  # pragma: no cover - compiled by numba; no annotations (see _expf)
     """float64 ``exp`` (Cephes Pade form), argument clamped to the finite range."""
     x = min(max(x, -708.0), 709.0)
     t = x * 1.4426950408889634 + 6755399441055744.0
@@ -501,9 +504,17 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
 def _parallel(kernel: Callable, before: tuple, after: tuple, work: int) -> None:
     """Run ``kernel(*before, worker, num_workers, *after)`` for every worker, on the pool."""
-    threads = max(1, THREADS or torch.get_num_threads())
+    threads = max(1, THREADS or _available_cpus())
     workers = max(1, min(work, threads * _TASKS_PER_THREAD if threads > 1 else 1))
     if workers == 1:
         kernel(*before, 0, 1, *after)
@@ -573,7 +584,9 @@ class _Rasterize(torch.autograd.Function):
         rects_np = _numpy(rects.to(torch.int32))
         layout, tile_view, total_k = _layout(shapes, rects_np)
         starts, items = _bin(rects_np, layout, len(tile_view))
-        coords = np.arange(int(layout[:, _STRIDE].max()) + LANES, dtype=np_dtype)
+        # Pixel coordinates along both kernel axes: lanes (up to the padded stride) and rows (which, in a
+        # transposed layout, run along the image's width and can exceed the stride).
+        coords = np.arange(int(max(layout[:, _STRIDE].max(), layout[:, _ROWS].max())) + LANES, dtype=np_dtype)
         soft = mode == "soft"
         image = torch.empty(pixel_offsets(shapes)[-1], dtype=dtype)
         # Every element, padding included, is written by ``_forward``.
