@@ -265,7 +265,7 @@ class FitWidget(QWidget):
         self._build()
         self._refresh_timer = QTimer(self)
         self._refresh_timer.setSingleShot(True)
-        self._refresh_timer.timeout.connect(self._refresh)
+        self._refresh_timer.timeout.connect(self._timed_refresh)
         self._connect_viewer()
         self._refresh_layer_choices()
         self._update_visibility()
@@ -842,7 +842,7 @@ class FitWidget(QWidget):
         elif self._state in (RUNNING, PREPARING):
             self._control.pause()
             self._set_state(PAUSED)
-            self._refresh()
+            self._schedule_refresh()
 
     def stop(self) -> None:
         """End the fit after the current step (a paused fit ends at once)."""
@@ -865,25 +865,36 @@ class FitWidget(QWidget):
 
     # ============================================================ fit updates
     def _on_update(self, update: FitUpdate | None) -> None:
-        """Handle one worker event; events that arrive re-entrantly wait for their own turn.
+        """Queue one worker event (``None``: the worker ended) and handle the queue in order.
 
         napari's progress bar processes Qt events when it changes, so a handler
-        could otherwise run inside another one (and their stalls add up).
+        could otherwise run inside another one (out of order, and their stalls
+        adding up); a backlog is then handled one event per event-loop turn.
         """
-        if self._handling:
-            self._deferred.append(update)
+        self._deferred.append(update)
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._handling or not self._deferred:
             return
         self._handling = True
         try:
-            self._handle(update)
+            self._handle(self._deferred.pop(0))
         finally:
             self._handling = False
         if self._deferred:
-            QTimer.singleShot(0, self._handle_deferred)
+            QTimer.singleShot(0, self._drain)
 
-    def _handle_deferred(self) -> None:
-        if self._deferred and not self._handling:
-            self._on_update(self._deferred.pop(0))
+    def _timed_refresh(self) -> None:
+        if self._handling:
+            self._refresh_timer.start(0)  # try again once the running handler is done
+            return
+        self._handling = True
+        try:
+            self._refresh()
+        finally:
+            self._handling = False
+        self._drain()
 
     def _handle(self, update: FitUpdate | None) -> None:
         if update is None:
