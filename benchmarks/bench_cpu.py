@@ -178,36 +178,31 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     from napari_neurogs_mip.frames import VolumeGeometry
-    from napari_neurogs_mip.model import covariance
-    from napari_neurogs_mip.render import raster_torch
-    from napari_neurogs_mip.render.project import Projection, project
+    from napari_neurogs_mip.losses import mse, ssim
+    from napari_neurogs_mip.model import GaussianModel
+    from napari_neurogs_mip.render import DEFAULT_EPS, Renderer, Stages, numba_runtime
+    from napari_neurogs_mip.render.project import Projection, project_model
     from napari_neurogs_mip.views import make_views
-
-    try:
-        from napari_neurogs_mip.losses import mse, ssim
-
-        loss_note = "napari_neurogs_mip.losses"
-    except ImportError:  # pragma: no cover - only before losses.py existed
-        mse, ssim = local_mse, local_ssim
-        loss_note = "local MSE/SSIM stand-ins"
 
     name, backend = args.child
     scenario = (SMOKE if args.smoke else SCENARIOS)[name]
-    result: dict = {"scenario": name, "backend": backend, "loss": loss_note, "torch_threads": torch.get_num_threads()}
+    result: dict = {"scenario": name, "backend": backend}
     first_call_s = math.nan
-    if backend == "cpu":
-        from napari_neurogs_mip.render import raster_cpu
-
-        if args.kernel_threads:
-            raster_cpu.THREADS = args.kernel_threads
-        rasterize = raster_cpu.rasterize
-    elif backend == "torch":
-        rasterize = raster_torch.rasterize
-    else:
+    if args.kernel_threads:
+        numba_runtime.THREADS = args.kernel_threads
+    if backend == "dense":
         sys.path.insert(0, HERE)
         from dense import render_dense
 
-        rasterize = render_dense
+        stages = Stages(project_model, render_dense)
+    else:
+        # The stages, and the PyTorch threads, of a fit with ``--backend torch`` or ``--backend cpu``.
+        renderer = Renderer.create("cpu", backend, MODE, BETA)
+        stages = renderer.stages
+        if renderer.torch_threads and not args.torch_threads:
+            torch.set_num_threads(renderer.torch_threads)  # what ``Trainer.step`` does around each step
+    result["torch_threads"] = torch.get_num_threads()
+    rasterize = stages.rasterize
 
     generator = torch.Generator().manual_seed(args.seed)
     geometry = VolumeGeometry(scenario.volume_zyx)
@@ -217,7 +212,7 @@ def run_child(args: argparse.Namespace) -> dict:
     params = {n: v.clone().requires_grad_(True) for n, v in start.items()}
 
     def projection_of(p: dict) -> Projection:
-        return project(p["means"], covariance(p["log_scales"], p["quaternions"]), torch.exp(p["log_amplitudes"]), views)
+        return stages.project(GaussianModel(**p), views, DEFAULT_EPS, False)
 
     if backend == "cpu":
         # First call: loads (or compiles) the float32 kernels, forward and backward.
@@ -238,9 +233,11 @@ def run_child(args: argparse.Namespace) -> dict:
         {"params": [params["log_amplitudes"]], "lr": LR},
     ])  # fmt: skip
 
+    model = GaussianModel(**params)  # shares the tensors that Adam updates, as in ``Trainer``
+
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        images = rasterize(projection_of(params), MODE, BETA)
+        images = rasterize(stages.project(model, views, DEFAULT_EPS, False), MODE, BETA)
         loss = sum(mse(i, t) + LAMBDA_SSIM * (1 - ssim(i, t)) for i, t in zip(images, targets)) / len(images)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP)
@@ -290,28 +287,6 @@ def run_child(args: argparse.Namespace) -> dict:
         views=[list(view.shape) for view in views],
     )
     return result
-
-
-def local_mse(a, b):  # pragma: no cover - stand-in, see run_child
-    return ((a - b) ** 2).mean()
-
-
-def local_ssim(a, b):  # pragma: no cover - stand-in, see run_child
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
-    x = torch.arange(11, dtype=a.dtype) - 5
-    w = torch.exp(-0.5 * (x / 1.5) ** 2)
-    w = w / w.sum()
-
-    def blur(img):
-        img = F.conv2d(img[None, None], w.view(1, 1, 1, -1))
-        return F.conv2d(img, w.view(1, 1, -1, 1))[0, 0]
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
 
 
 def cold_first_call(args: argparse.Namespace) -> float:
@@ -385,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     has_dense = os.path.exists(os.path.join(HERE, "dense.py"))
     print(f"bench_cpu: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
-          f"{args.torch_threads or torch.get_num_threads()}, kernel threads {args.kernel_threads or 'all CPUs'}")  # fmt: skip
+          f"{args.torch_threads or 'as a fit sets them (column thr)'}, kernel threads {args.kernel_threads or 'all CPUs'}")  # fmt: skip
     print(f"mode {MODE}, beta {BETA}, loss mean over views of MSE + {LAMBDA_SSIM} (1 - SSIM), Adam + clip {GRAD_CLIP}")
     print(f"cpu pressure before: {cpu_pressure()}")
     if not has_dense:
@@ -415,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         first = next(iter(results.values()))
         shapes = ", ".join("x".join(map(str, shape)) for shape in first["views"])
-        print(f"\n== {name}: K = {scenario.num_gaussians:,}, views {shapes}, loss from {first['loss']}")
-        print(f"{'backend':<8} {'step it/s':>10} {'(median)':>9} {'fwd ms':>9} {'bwd ms':>9} {'peak MiB':>9} "
+        print(f"\n== {name}: K = {scenario.num_gaussians:,}, views {shapes}")
+        print(f"{'backend':<8} {'thr':>3} {'step it/s':>10} {'(median)':>9} {'fwd ms':>9} {'bwd ms':>9} {'peak MiB':>9} "
               f"{'RSS MiB':>8} {'others':>7} {'loss first -> last':>22}")  # fmt: skip
         for backend, r in results.items():
             loss0, loss1 = r["loss_first_last"]
-            print(f"{backend:<8} {r['steps_per_s_best']:>10.2f} {r['steps_per_s_median']:>9.2f} {r['forward_ms']:>9.2f} "
+            print(f"{backend:<8} {r['torch_threads']:>3} {r['steps_per_s_best']:>10.2f} {r['steps_per_s_median']:>9.2f} {r['forward_ms']:>9.2f} "
                   f"{r['backward_ms']:>9.2f} {r['peak_mib']:>9.1f} {r['process_peak_mib']:>8.0f} "
                   f"{r['foreign']:>6.0%} {loss0:>10.5f} -> {loss1:.5f}")  # fmt: skip
         if "cpu" in results:

@@ -37,7 +37,7 @@ import torch
 pytest.importorskip("numba")
 
 from napari_neurogs_mip.frames import VolumeGeometry
-from napari_neurogs_mip.render import Renderer, raster_cpu, raster_torch
+from napari_neurogs_mip.render import Renderer, numba_runtime, raster_cpu, raster_torch
 from napari_neurogs_mip.views import make_views
 from scenes import PARAMETERS, Scene, make_scenes, parameter_gradients
 
@@ -118,7 +118,7 @@ def test_deterministic_for_any_thread_count(mode: str, monkeypatch: pytest.Monke
     scene = SCENES["k500"]
     runs = []
     for threads in (1, 2, 3):
-        monkeypatch.setattr(raster_cpu, "THREADS", threads)
+        monkeypatch.setattr(numba_runtime, "THREADS", threads)
         runs.append(parameter_gradients(scene.fresh(torch.float32), raster_cpu.rasterize, mode, BETA))
     (first_images, first_grads), *others = runs
     for images, grads in others:

@@ -190,7 +190,7 @@ def test_renderer_uses_triton_under_interpreter(backend) -> None:
     assert renderer.backend == "triton" and renderer.fallback_reason is None
     assert backend.unavailable_reason() is None
     scene = SCENES["k50"].fresh(torch.float32)
-    images = renderer._rasterize(scene.project(), "soft", BETA)
+    images = renderer.stages.rasterize(scene.project(), "soft", BETA)
     assert_images_close(images, raster_torch.rasterize(scene.project(), "soft", BETA))
 
 

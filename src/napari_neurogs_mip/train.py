@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import resolve_device
+from .device import resolve_device, torch_threads
 from .frames import Frame
 from .io.checkpoint import Checkpoint, save_checkpoint
 from .losses import SSIM_WINDOW, LossWeights, mip_loss, psnr, ssim
@@ -304,7 +304,7 @@ class Trainer:
         TrainingError
             The loss or a gradient is NaN/Inf; the parameters are left unchanged.
         """
-        with self._lock:
+        with self._lock, torch_threads(self.renderer.torch_threads):
             self.optimizer.zero_grad(set_to_none=True)
             rendered = self.renderer.render(self.model, self.targets.views)
             loss, terms = mip_loss(rendered, self._target_tensors, self.weights)

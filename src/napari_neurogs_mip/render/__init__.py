@@ -1,11 +1,14 @@
 """Differentiable MIP rendering of Gaussian models: one entry point, several backends.
 
-``render_mip`` projects (``project.py``, PyTorch autograd, shared by all
-backends) then rasterises with a backend:
+``render_mip`` runs two stages with a backend: projection of the 3D Gaussians
+into every view (``project.py``, PyTorch autograd, is the reference) and
+rasterisation of the 2D Gaussians:
 
-* ``torch``: the reference (``raster_torch.py``), any device;
-* ``cpu``: numba kernels, parallel over tiles and Gaussians (``raster_cpu.py``);
-* ``triton``: tile-binned Triton kernels for CUDA (``raster_triton.py``);
+* ``torch``: the references (``project.py``, ``raster_torch.py``), any device;
+* ``cpu``: numba kernels for both stages (``project_cpu.py``: fused from the
+  model's parameters; ``raster_cpu.py``: parallel over tiles and Gaussians);
+* ``triton``: the reference projection, then tile-binned Triton kernels for
+  CUDA (``raster_triton.py``);
 * ``auto``: ``triton`` on CUDA, ``cpu`` on the CPU, else ``torch``; a backend that
   cannot run falls back to ``torch`` once, with the reason logged and kept on the
   :class:`Renderer`.
@@ -25,28 +28,46 @@ import torch
 from ..model import GaussianModel
 from ..views import View
 from .project import CUTOFF_SIGMA, DEFAULT_EPS, Projection
-from .project import project as _project
 
-__all__ = ["BACKENDS", "CUTOFF_SIGMA", "DEFAULT_EPS", "MODES", "Projection", "Renderer", "render_mip"]
+__all__ = ["BACKENDS", "CUTOFF_SIGMA", "DEFAULT_EPS", "MODES", "Projection", "Renderer", "Stages", "render_mip"]
 
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "cpu", "triton")
 MODES = ("soft", "max", "field")
-_MODULES = {"torch": "raster_torch", "cpu": "raster_cpu", "triton": "raster_triton"}
+# Modules of each backend's (projection, rasterisation) stages.
+_MODULES = {
+    "torch": ("project", "raster_torch"),
+    "cpu": ("project_cpu", "raster_cpu"),
+    "triton": ("project", "raster_triton"),
+}
 
+Projector = Callable[[GaussianModel, list[View], float, bool], Projection]
+"""``project_model(model, views, eps, compensate)`` of a backend."""
 Rasterizer = Callable[[Projection, str, float], list[torch.Tensor]]
+"""``rasterize(projection, mode, beta)`` of a backend."""
 
 
-def _load(backend: str) -> tuple[Rasterizer | None, str | None]:
-    """The rasteriser of ``backend`` or the reason it cannot be used."""
-    try:
-        module = importlib.import_module(f".{_MODULES[backend]}", __name__)
-    except ImportError as error:
-        return None, f"{backend} backend unavailable: {error}"
-    problem = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
-    if problem:
-        return None, problem
-    return module.rasterize, None
+@dataclass(frozen=True)
+class Stages:
+    """The two stages of a backend."""
+
+    project: Projector
+    rasterize: Rasterizer
+
+
+def _load(backend: str) -> tuple[Stages | None, str | None]:
+    """The stages of ``backend`` or the reason it cannot be used."""
+    modules = []
+    for name in _MODULES[backend]:
+        try:
+            module = importlib.import_module(f".{name}", __name__)
+        except ImportError as error:
+            return None, f"{backend} backend unavailable: {error}"
+        problem = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+        if problem:
+            return None, problem
+        modules.append(module)
+    return Stages(modules[0].project_model, modules[1].rasterize), None
 
 
 @dataclass
@@ -61,6 +82,10 @@ class Renderer:
         What the user asked for (may be ``auto``).
     fallback_reason
         Why the requested backend was not used, or ``None``.
+    torch_threads
+        PyTorch CPU threads that suit the torch ops around this backend (loss,
+        optimiser) in a training step, or ``None`` for PyTorch's default; see
+        :func:`napari_neurogs_mip.device.torch_threads`.
     """
 
     backend: str
@@ -71,7 +96,8 @@ class Renderer:
     eps: float = DEFAULT_EPS
     compensate: bool = False
     fallback_reason: str | None = None
-    _rasterize: Rasterizer | None = None
+    stages: Stages | None = None
+    torch_threads: int | None = None
 
     @classmethod
     def create(
@@ -100,13 +126,15 @@ class Renderer:
             raise ValueError(f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1), not {device}")
         if wanted == "cpu" and device.type != "cpu":
             raise ValueError(f"the cpu backend runs on the CPU, not {device}")
-        rasterize, reason = _load(wanted)
+        stages, reason = _load(wanted)
         chosen = wanted
-        if rasterize is None:
-            rasterize, _ = _load("torch")
+        if stages is None:
+            stages, _ = _load("torch")
             chosen = "torch"
             LOGGER.warning("%s; falling back to the torch reference renderer", reason)
-        return cls(chosen, backend, device, mode, beta, eps, compensate, reason, rasterize)
+        # The cpu kernels bring their own threads: PyTorch's would only compete with them.
+        threads = 1 if chosen == "cpu" else None
+        return cls(chosen, backend, device, mode, beta, eps, compensate, reason, stages, threads)
 
     def describe(self) -> str:
         """One line naming device, backend and why, for logs and the GUI."""
@@ -115,7 +143,7 @@ class Renderer:
 
     def render(self, model: GaussianModel, views: list[View]) -> list[torch.Tensor]:
         """Render ``model`` (physical frame) into ``views``; one [H, W] image per view."""
-        return render_mip(model, views, self.mode, self.beta, self.eps, self.compensate, rasterize=self._rasterize)
+        return render_mip(model, views, self.mode, self.beta, self.eps, self.compensate, stages=self.stages)
 
 
 def _triton_interpreted() -> bool:
@@ -132,7 +160,7 @@ def render_mip(
     eps: float = DEFAULT_EPS,
     compensate: bool = False,
     backend: str = "torch",
-    rasterize: Rasterizer | None = None,
+    stages: Stages | None = None,
 ) -> list[torch.Tensor]:
     """Differentiable MIPs of a model in the physical frame, one [H, W] tensor per view.
 
@@ -153,8 +181,8 @@ def render_mip(
         Keep the integral of filtered sub-pixel Gaussians (see ``project``).
     backend
         ``torch``, ``cpu`` or ``triton`` (``auto`` resolves through :class:`Renderer`).
-    rasterize
-        An already resolved rasteriser; overrides ``backend``.
+    stages
+        An already resolved backend (:attr:`Renderer.stages`); overrides ``backend``.
     """
     if model.frame.value != "physical":
         raise ValueError(f"render_mip takes a model in the physical frame, got {model.frame.value}")
@@ -162,7 +190,6 @@ def render_mip(
         from .field import field_mips
 
         return field_mips(model, views)
-    if rasterize is None:
-        rasterize = Renderer.create(model.means.device, backend, mode, beta, eps, compensate)._rasterize
-    projection = _project(model.means, model.covariances(), model.amplitudes(), views, eps, compensate)
-    return rasterize(projection, mode, beta)
+    if stages is None:
+        stages = Renderer.create(model.means.device, backend, mode, beta, eps, compensate).stages
+    return stages.rasterize(stages.project(model, views, eps, compensate), mode, beta)

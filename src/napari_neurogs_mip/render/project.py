@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import GaussianModel
 from ..views import View
 
 CUTOFF_SIGMA = 3.0
@@ -117,6 +118,13 @@ def project(
     rects = _rects(means2d.detach(), sxx.detach(), syy.detach(), det.detach(), conics.detach(), amps.detach(),
                    widths, heights)  # fmt: skip
     return Projection(means2d, conics, amps, rects, [view.shape for view in views])
+
+
+def project_model(
+    model: GaussianModel, views: list[View], eps: float = DEFAULT_EPS, compensate: bool = False
+) -> Projection:
+    """:func:`project` of a model in the physical frame (differentiable w.r.t. its four parameters)."""
+    return project(model.means, model.covariances(), model.amplitudes(), views, eps, compensate)
 
 
 def _rects(

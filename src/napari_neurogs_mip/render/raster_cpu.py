@@ -28,51 +28,29 @@ Backward
     gradient is written by exactly one worker (no atomics, deterministic).
     ``d out / d g = s (1 + beta (g - out))`` with ``s = exp(beta (g - m)) / S``.
 
-Exponentials are inline polynomials (Cephes ``expf`` / ``exp``: <= 1 ulp in
-float32, <= 2 ulp in float64) so that the loops vectorise without SVML.
+Exponentials are ``numba_runtime.exp``: inline polynomials that vectorise.
 Memory is O(pixels + Gaussians); nothing is stored per (pixel, Gaussian) pair.
 
-Threads: the kernels release the GIL and run on a private thread pool of
-``THREADS`` threads (default: every CPU this process may use, independent of
-``torch.get_num_threads()``, so that a fit may run PyTorch single-threaded,
-which is far more robust on a busy machine, and still rasterise in parallel).
-numba's own ``parallel=True`` is avoided on purpose: its OpenMP layer loads a
-second OpenMP runtime next to PyTorch's, and the idle threads of each spin on
-the cores the other needs (measured: a full training step 25x slower); its
-workqueue layer is process-global and aborts on concurrent calls (a GUI thread
-and a fit thread).
+Threads: the kernels release the GIL and run on the pool of ``cpu_threads``.
 Kernels are compiled once per dtype (float32 for training, float64 for tests)
 and cached on disk (``cache=True``).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
+from .numba_runtime import IMPORT_ERROR, exp, jit, kernel, run_parallel
 from .project import CUTOFF_SIGMA, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
-
-try:
-    from numba import njit, types
-    from numba.extending import overload
-
-    _IMPORT_ERROR: str | None = None
-except ImportError as error:  # pragma: no cover - exercised only without numba
-    _IMPORT_ERROR = f"cpu backend unavailable: numba cannot be imported ({error})"
 
 LANES = 16
 """Pixels per vector row, and the tile size along the lane axis."""
 TILE_ROWS = 16
 """Rows per tile (forward pass)."""
-THREADS: int | None = None
-"""Threads of the kernels; ``None``: the CPUs this process may use (independent of ``torch.get_num_threads()``)."""
 ORIENTATION = "auto"
 """Kernel layout of each view: ``auto`` (fewest vector rows), ``rows`` or ``columns`` (transposed); for tests."""
 
@@ -80,7 +58,6 @@ _CUTOFF = CUTOFF_SIGMA**2
 _LANE_SHIFT = LANES.bit_length() - 1
 _ROW_SHIFT = TILE_ROWS.bit_length() - 1
 assert 1 << _LANE_SHIFT == LANES and 1 << _ROW_SHIFT == TILE_ROWS, "tile sides must be powers of two"
-_TASKS_PER_THREAD = 4  # more tasks than threads balance uneven tiles
 
 # Per-view layout columns (int64 array [V, _NUM_LAYOUT]).
 _H, _W, _IMAGE_OFFSET, _TRANSPOSED, _ROWS, _LEN, _STRIDE, _OFFSET, _TILES_L, _TILES_R, _TILE_OFFSET = range(11)
@@ -89,75 +66,13 @@ _NUM_LAYOUT = 11
 
 def unavailable_reason() -> str | None:
     """Why this backend cannot run here, or ``None``."""
-    return _IMPORT_ERROR
-
-
-# --------------------------------------------------------------------------- exponentials
-
-
-def _expf(x):  # pragma: no cover - compiled by numba; no annotations: numba compares signatures
-    """float32 ``exp`` (Cephes ``expf``), argument clamped to the finite range."""
-    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    # Round x / ln 2 to an integer with the 1.5 * 2^23 trick; the low bits of t hold that integer.
-    t = x * np.float32(1.4426950408889634) + np.float32(12582912.0)
-    n = t - np.float32(12582912.0)
-    r = x - n * np.float32(0.693359375)
-    r = r - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    bits = np.int32((np.float32(t).view(np.int32) - np.int32(0x4B400000) + np.int32(127)) << np.int32(23))
-    return p * bits.view(np.float32)
-
-
-def _expd(x):  # pragma: no cover - compiled by numba; no annotations (see _expf)
-    """float64 ``exp`` (Cephes Pade form), argument clamped to the finite range."""
-    x = min(max(x, -708.0), 709.0)
-    t = x * 1.4426950408889634 + 6755399441055744.0
-    n = t - 6755399441055744.0
-    r = x - n * 6.93145751953125e-1
-    r = r - n * 1.42860682030941723212e-6
-    xx = r * r
-    px = r * ((1.26177193074810590878e-4 * xx + 3.02994407707441961300e-2) * xx + 9.99999999999999999910e-1)
-    qx = ((3.00198505138664455042e-6 * xx + 2.52448340349684104192e-3) * xx + 2.27265548208155028766e-1) * xx + 2.0
-    e = 1.0 + 2.0 * (px / (qx - px))
-    bits = np.int64((np.float64(t).view(np.int64) - np.int64(0x4338000000000000) + np.int64(1023)) << np.int64(52))
-    return e * bits.view(np.float64)
-
-
-def _exp(x):  # pragma: no cover - replaced by the overload inside kernels
-    """Inline, vectorisable ``exp`` for float32 and float64 (kernels only)."""
-    raise NotImplementedError
-
-
-if _IMPORT_ERROR is None:
-
-    @overload(_exp, inline="always")
-    def _exp_overload(x):
-        if x == types.float32:
-            return _expf
-        if x == types.float64:
-            return _expd
-        return None
-
-    _jit = njit(cache=True)
-    _kernel = njit(cache=True, nogil=True)
-else:  # pragma: no cover
-
-    def _jit(function):
-        return function
-
-    _kernel = _jit
+    return IMPORT_ERROR
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@_jit
+@jit
 def _orientation_costs(rects: np.ndarray, v: int) -> tuple[int, int]:
     """Vector rows the footprints of view ``v`` need in row layout and in transposed layout."""
     plain = 0
@@ -171,7 +86,7 @@ def _orientation_costs(rects: np.ndarray, v: int) -> tuple[int, int]:
     return plain, flipped
 
 
-@_jit
+@jit
 def _bin(rects: np.ndarray, layout: np.ndarray, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
     """Bin (view, Gaussian) pairs by the kernel-layout tiles their rectangles touch.
 
@@ -204,7 +119,7 @@ def _bin(rects: np.ndarray, layout: np.ndarray, num_tiles: int) -> tuple[np.ndar
     return starts, items
 
 
-@_kernel
+@kernel
 def _forward(
     means2d: np.ndarray,
     conics: np.ndarray,
@@ -287,7 +202,7 @@ def _forward(
                     best[i] = value if better else best[i]
                     arg[i] = k if better else arg[i]
         for i in range(num_rows * LANES):
-            best[i] = _exp(best[i])
+            best[i] = exp(best[i])
         if soft:
             # Pass 2: softmax sums, the maximum known (no rescaling).
             for j in range(starts[t], starts[t + 1]):
@@ -315,9 +230,9 @@ def _forward(
                         q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
                         # Masked lanes compute with q clamped to the cut-off: their values are discarded,
                         # and the clamp keeps them out of (very slow) subnormal arithmetic.
-                        g = amp * _exp(-half * min(q, cutoff))
+                        g = amp * exp(-half * min(q, cutoff))
                         i = row + ul
-                        e = _exp(beta * (g - best[i]))
+                        e = exp(beta * (g - best[i]))
                         e = e if (lane >= lo) & (lane <= hi) & (q <= cutoff) else zero
                         norm[i] += e
                         weighted[i] += g * e
@@ -361,7 +276,7 @@ def _forward(
                     image[target + np.uint64(lane)] = weighted[row + np.uint64(lane)]
 
 
-@_jit
+@jit
 def _to_kernel_layout(flat: np.ndarray, layout: np.ndarray, total: int) -> np.ndarray:
     """Copy a flat row-major buffer of all views into kernel layout (zero padding)."""
     result = np.empty(total, flat.dtype)
@@ -382,7 +297,7 @@ def _to_kernel_layout(flat: np.ndarray, layout: np.ndarray, total: int) -> np.nd
     return result
 
 
-@_kernel
+@kernel
 def _backward(
     means2d: np.ndarray,
     conics: np.ndarray,
@@ -448,12 +363,12 @@ def _backward(
                             dx = coords[cu + ul] - mx
                             dy = fixed - my
                         q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
-                        e = _exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
+                        e = exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
                         g = amp * e
                         inside = (lane <= last) & (q <= cutoff)
                         p = p0 + ul
                         if soft:
-                            s = _exp(beta * (g - peak_k[p])) * inv_norm_k[p]
+                            s = exp(beta * (g - peak_k[p])) * inv_norm_k[p]
                             dg = grad_k[p] * s * (one + beta * (g - out_k[p]))
                         else:
                             inside = inside & (argmax_k[p] == k)
@@ -482,47 +397,6 @@ def _backward(
             # d q / d mean = -(d q / d dx, d q / d dy) = -2 (A dx + B dy, B dx + C dy).
             grad_means[v, k, 0] = -2 * (fa * s_x + fb * s_y)
             grad_means[v, k, 1] = -2 * (fb * s_x + fc * s_y)
-
-
-# --------------------------------------------------------------------------- threads
-
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (0, 0)
-_pool_lock = threading.Lock()
-
-
-def _executor(threads: int) -> ThreadPoolExecutor:
-    """The shared pool of ``threads`` threads (rebuilt after a fork or a change of ``threads``)."""
-    global _pool, _pool_key
-    key = (os.getpid(), threads)
-    with _pool_lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raster_cpu")
-            _pool_key = key
-        return _pool
-
-
-def _available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
-
-
-def _parallel(kernel: Callable, before: tuple, after: tuple, work: int) -> None:
-    """Run ``kernel(*before, worker, num_workers, *after)`` for every worker, on the pool."""
-    threads = max(1, THREADS or _available_cpus())
-    workers = max(1, min(work, threads * _TASKS_PER_THREAD if threads > 1 else 1))
-    if workers == 1:
-        kernel(*before, 0, 1, *after)
-        return
-    pool = _executor(threads)
-    futures = [pool.submit(kernel, *before, worker, workers, *after) for worker in range(workers)]
-    for future in futures:
-        future.result()
 
 
 # --------------------------------------------------------------------------- torch glue
@@ -598,7 +472,7 @@ class _Rasterize(torch.autograd.Function):
             _numpy(means2d), _numpy(conics), _numpy(amplitudes), rects_np, layout, tile_view, starts, items, coords,
             soft, *_scalars(dtype, beta),
         )  # fmt: skip
-        _parallel(_forward, before, (image.numpy(), out_k, peak_k, inv_norm_k, argmax_k), len(tile_view))
+        run_parallel(_forward, before, (image.numpy(), out_k, peak_k, inv_norm_k, argmax_k), len(tile_view))
         ctx.save_for_backward(means2d, conics, amplitudes)
         ctx.arrays = (rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k)
         ctx.soft, ctx.beta = soft, beta
@@ -616,7 +490,7 @@ class _Rasterize(torch.autograd.Function):
             *_scalars(dtype, ctx.beta),
         )  # fmt: skip
         after = (grad_k, out_k, peak_k, inv_norm_k, argmax_k, *(g.numpy() for g in grads))
-        _parallel(_backward, before, after, means2d.shape[1])
+        run_parallel(_backward, before, after, means2d.shape[1])
         return (*grads, None, None, None, None)
 
 
@@ -628,8 +502,8 @@ def rasterize(projection: Projection, mode: str = "soft", beta: float = 50.0) ->
     """
     if mode not in MODES:
         raise ValueError(f"unknown render mode {mode!r}; expected one of {MODES}")
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(_IMPORT_ERROR)
+    if IMPORT_ERROR is not None:
+        raise RuntimeError(IMPORT_ERROR)
     means2d = projection.means2d
     if means2d.device.type != "cpu":
         raise ValueError(f"the cpu backend renders CPU tensors, not {means2d.device}")
