@@ -177,10 +177,11 @@ def run_child(args: argparse.Namespace) -> dict:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    from napari_neurogs_mip import numba_runtime
     from napari_neurogs_mip.frames import VolumeGeometry
     from napari_neurogs_mip.losses import mse, ssim
     from napari_neurogs_mip.model import GaussianModel
-    from napari_neurogs_mip.render import DEFAULT_EPS, Renderer, Stages, numba_runtime
+    from napari_neurogs_mip.render import DEFAULT_EPS, Renderer, Stages
     from napari_neurogs_mip.render.project import Projection, project_model
     from napari_neurogs_mip.views import make_views
 

@@ -76,6 +76,36 @@ def test_ssim_gradient_is_correct():
     assert torch.autograd.gradcheck(ssim, (a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_ssim_cpu_kernels_match_torch_ops(dtype):
+    """On the CPU ``ssim`` runs numba kernels; the PyTorch path (used on GPUs) gives the same values and gradients."""
+    pytest.importorskip("numba")
+    from napari_neurogs_mip import losses
+
+    rng = np.random.default_rng(2)
+    rectangular = (rng.random((37, 90)), np.clip(rng.random((37, 90)) * 0.5 + 0.2, 0, 1))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in [(a, b) for _, a, b in PAIRS] + [rectangular]:
+        results = []
+        for function in (ssim, lambda x, y: losses._ssim_torch(x, y, 0.01**2, 0.03**2)):
+            x = torch.tensor(a, dtype=dtype, requires_grad=True)
+            y = torch.tensor(b, dtype=dtype, requires_grad=True)
+            value = function(x, y)
+            assert value.dtype == dtype
+            results.append((value.detach(), *torch.autograd.grad(value, [x, y])))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(float(want.abs().max()), 1.0))
+
+
+def test_ssim_torch_ops_gradient_is_correct():
+    from napari_neurogs_mip import losses
+
+    rng = np.random.default_rng(1)
+    a = torch.tensor(rng.random((12, 13)), requires_grad=True)
+    b = torch.tensor(rng.random((12, 13)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: losses._ssim_torch(x, y, 0.01**2, 0.03**2), (a, b))
+
+
 @pytest.mark.parametrize("noise", [0.3, 0.05, 0.001])
 def test_psnr_matches_scikit_image(noise):
     rng = np.random.default_rng(3)

@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("numba")
 
+from napari_neurogs_mip import numba_runtime
 from napari_neurogs_mip.model import GaussianModel
-from napari_neurogs_mip.render import Renderer, numba_runtime, project_cpu
+from napari_neurogs_mip.render import Renderer, project_cpu
 from napari_neurogs_mip.render.project import Projection
 from scenes import PARAMETERS, Scene, make_scenes
 

@@ -36,8 +36,9 @@ import torch
 
 pytest.importorskip("numba")
 
+from napari_neurogs_mip import numba_runtime
 from napari_neurogs_mip.frames import VolumeGeometry
-from napari_neurogs_mip.render import Renderer, numba_runtime, raster_cpu, raster_torch
+from napari_neurogs_mip.render import Renderer, raster_cpu, raster_torch
 from napari_neurogs_mip.views import make_views
 from scenes import PARAMETERS, Scene, make_scenes, parameter_gradients
 

@@ -59,6 +59,10 @@ def _blur(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 def ssim(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Mean SSIM of two [H, W] images (differentiable w.r.t. both).
 
+    CPU images (float32 or float64, numba installed) go to the kernels of
+    :mod:`.ssim_cpu`; other devices and dtypes to PyTorch ops.  Both compute the
+    same value and gradients (``tests/test_core_losses.py``).
+
     Raises
     ------
     ValueError
@@ -72,6 +76,27 @@ def ssim(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) 
         raise ValueError(
             f"ssim needs images of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {tuple(rendered.shape)}"
         )
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    if _cpu_kernels_apply(rendered, target):
+        from . import ssim_cpu
+
+        return ssim_cpu.ssim(rendered, target, _window(torch.float64, torch.device("cpu")).numpy(), c1, c2)
+    return _ssim_torch(rendered, target, c1, c2)
+
+
+def _cpu_kernels_apply(rendered: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether :mod:`.ssim_cpu` computes this SSIM: CPU images of one float32/float64 dtype, numba present."""
+    if rendered.device.type != "cpu" or target.device.type != "cpu" or rendered.dtype != target.dtype:
+        return False
+    if rendered.dtype not in (torch.float32, torch.float64):
+        return False
+    from .numba_runtime import IMPORT_ERROR
+
+    return IMPORT_ERROR is None
+
+
+def _ssim_torch(rendered: torch.Tensor, target: torch.Tensor, c1: float, c2: float) -> torch.Tensor:
+    """Mean SSIM in PyTorch ops (any device; the reference for :mod:`.ssim_cpu`)."""
     window = _window(rendered.dtype, rendered.device)
     x, y = rendered, target
     stack = torch.stack([x, y, x * x, y * y, x * y])
@@ -79,7 +104,6 @@ def ssim(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) 
     var_x = xx - mu_x * mu_x
     var_y = yy - mu_y * mu_y
     cov = xy - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     numerator = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     denominator = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
     return torch.mean(numerator / denominator)

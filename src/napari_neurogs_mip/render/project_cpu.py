@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from ..model import GaussianModel
+from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, run_parallel
 from ..views import View
-from .numba_runtime import IMPORT_ERROR, exp, jit, kernel, run_parallel
 from .project import CUTOFF_SIGMA, Projection
 
 __all__ = ["project_model", "unavailable_reason"]

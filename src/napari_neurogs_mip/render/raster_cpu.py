@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .numba_runtime import IMPORT_ERROR, exp, jit, kernel, run_parallel
+from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, run_parallel
 from .project import CUTOFF_SIGMA, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
