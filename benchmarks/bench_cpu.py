@@ -13,8 +13,11 @@ S1     128 x 128 each                           torch, cpu, dense (if any)
 S2     native: 647 x 813, 100 x 813, 100 x 647  torch, cpu
 =====  =======================================  ==========================
 
-A training step is what ``Trainer.step`` does: project + rasterise the three
-views, ``mean(MSE + 0.1 (1 - SSIM))`` over views (``napari_neurogs_mip.losses``),
+A training step is what ``Trainer.step`` does, with the backend's two stages
+(``Renderer.create(...).stages``: for ``cpu`` the numba projection and
+rasteriser, for ``torch`` the PyTorch references) and the PyTorch thread count
+a fit uses with it (column ``thr``: 1 around the cpu kernels): project +
+rasterise the three views, ``mean(MSE + 0.1 (1 - SSIM))`` over views (``napari_neurogs_mip.losses``),
 backward, gradient clipping (norm 1) and Adam with the seed's parameter groups
 (means ``lr``, log-scales and quaternions ``0.1 lr``, log-amplitudes ``lr``).
 

@@ -22,11 +22,10 @@ try:
 except ImportError:
     pass
 
+import napari
 import numpy as np
 from qtpy.QtGui import QImage
 from qtpy.QtWidgets import QApplication
-
-import napari
 
 PLUGIN = "napari-neurogs-mip"
 IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from napari_neurogs_mip.frames import VolumeGeometry
-from napari_neurogs_mip.io.tiff import read_mips, read_volume, write_mips, write_volume
+from napari_neurogs_mip.io.tiff import read_metadata, read_mips, read_volume, write_mips, write_volume
 from napari_neurogs_mip.targets import Normalization, targets_from_mips, targets_from_volume
 
 
@@ -73,6 +73,22 @@ def test_imagej_hyperstack_channel_and_time_selection(tmp_path, rng):
         read_volume(path, time=1)
     with pytest.raises(ValueError, match=r"index 2 is out of range for axis C of size 2"):
         read_volume(path, channel=2, time=0)
+
+
+def test_metadata_without_pixels_matches_read_volume(tmp_path, rng):
+    data = rng.random((3, 5, 2, 8, 9)).astype(np.float32)
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(path, data, imagej=True, resolution=(4.0, 2.5), metadata={"axes": "TZCYX", "spacing": 2.5})
+    metadata = read_metadata(path)
+    assert (metadata.axes, metadata.shape) == ("TZCYX", (3, 5, 2, 8, 9))
+    assert metadata.spacing_zyx == pytest.approx((2.5, 0.4, 0.25))
+    assert metadata.spacing_source == "ImageJ"
+    assert metadata.spacing_zyx == read_volume(path, channel=0, time=0).spacing_zyx
+    (tmp_path / "notes.tif").write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes\.tif is not a readable TIFF"):
+        read_metadata(tmp_path / "notes.tif")
+    with pytest.raises(FileNotFoundError, match=r"missing\.tif"):
+        read_metadata(tmp_path / "missing.tif")
 
 
 def test_single_channel_axes_go_silently(tmp_path, rng):

@@ -6,12 +6,11 @@ runs in a thread worker, and the volume lines up with the points in world
 """
 
 # No ``from __future__ import annotations``: magicgui reads the annotations as objects.
+import napari
 from magicgui import magic_factory
 from napari.qt.threading import FunctionWorker
 from napari.types import LayerDataTuple
 from qtpy.QtCore import QTimer
-
-import napari
 
 from ._layers import field_image, is_model_layer, points_to_model
 from ._threads import start_worker

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 
 from ..device import available_devices
 from ..io.checkpoint import save_checkpoint as write_checkpoint_file
-from ..io.tiff import write_mips
+from ..io.tiff import read_metadata, write_mips
 from ..render import BACKENDS, MODES
 from ..setup import FitInputs
 from ..train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
@@ -612,12 +612,15 @@ class FitWidget(QWidget):
         if not path.is_file():
             return
         try:
-            spacing, source, axes, shape = _tiff_metadata(path)
-        except Exception as error:  # not a TIFF: say so, the fit will report it properly
+            # The core's spacing rules (OME, ImageJ, resolution tags), so the prefill matches a fit's reading.
+            metadata = read_metadata(path)
+        except (OSError, ValueError, IndexError) as error:  # not a TIFF: say so; a fit reports it too
             self.target_info.setText(f"cannot read {path.name}: {error}")
             return
-        self._set_voxel_size(spacing)
-        self.target_info.setText(f"{path.name}: axes {axes}, shape {shape}; spacing from {source}")
+        self._set_voxel_size(metadata.spacing_zyx)
+        self.target_info.setText(
+            f"{path.name}: axes {metadata.axes}, shape {metadata.shape}; spacing from {metadata.spacing_source}"
+        )
         for spin, row, name in zip(self.index_spins, self._index_rows, ("channel", "time")):
             spin.setRange(-1, 1_000_000)
             spin.setSpecialValueText("auto")
@@ -1170,17 +1173,3 @@ def _data_shape(data: Any) -> tuple[int, ...]:
 
 def _data_ndim(data: Any) -> int:
     return len(_data_shape(data))
-
-
-def _tiff_metadata(path: Path) -> tuple[tuple[float, float, float], str, str, tuple[int, ...]]:
-    """Spacing (z, y, x), where it came from, axes and shape of a TIFF, without reading the pixels."""
-    import tifffile
-
-    from ..io import tiff as tiff_io
-
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        axes = series.axes.upper()
-        # The core's spacing rules (OME, ImageJ, resolution tags), so the prefill matches a fit's reading.
-        spacing, source = tiff_io._spacing(tif, axes)
-        return spacing, source, axes, tuple(series.shape)

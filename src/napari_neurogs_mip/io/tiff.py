@@ -53,6 +53,43 @@ def _open(path: str | os.PathLike):
         raise ValueError(f"{path} is not a readable TIFF file ({error})") from error
 
 
+@dataclass(frozen=True)
+class TiffMetadata:
+    """What a TIFF holds, read without its pixels.
+
+    Attributes
+    ----------
+    spacing_zyx
+        Voxel spacing (z, y, x), physical units (the rules of :func:`read_volume`).
+    spacing_source
+        Where the spacing came from (``OME``, ``ImageJ``, ``resolution tags``, ``default``).
+    axes
+        Axis letters of the first series as stored (e.g. ``TZCYX``).
+    shape
+        Shape of the first series.
+    """
+
+    spacing_zyx: tuple[float, float, float]
+    spacing_source: str
+    axes: str
+    shape: tuple[int, ...]
+
+
+def read_metadata(path: str | os.PathLike) -> TiffMetadata:
+    """Spacing, axes and shape of a TIFF's first series, without reading the pixels.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        No such file, or not a readable TIFF.
+    """
+    with _open(path) as tif:
+        series = tif.series[0]
+        axes = series.axes.upper()
+        spacing, source = _spacing(tif, axes)
+        return TiffMetadata(spacing, source, axes, tuple(int(n) for n in series.shape))
+
+
 def read_volume(
     path: str | os.PathLike,
     channel: int | None = None,
