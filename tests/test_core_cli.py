@@ -247,3 +247,31 @@ def test_info_and_render_take_a_channel_of_a_hyperstack(tmp_path, capsys):
         x_num, x_den = tif.pages[1].tags["XResolution"].value
         y_num, y_den = tif.pages[1].tags["YResolution"].value
         assert (x_num / x_den, y_num / y_den) == (pytest.approx(4.0), pytest.approx(1 / 3.0))
+
+
+def test_fit_a_single_xy_mip_with_the_volume_shape(tmp_path, capsys):
+    """One 2D MIP says nothing about Z: the shape comes from --volume-shape, or else from the checkpoint."""
+    from napari_neurogs_mip.io.tiff import write_mips
+
+    geometry = VolumeGeometry((16, 24, 20), (2.0, 0.5, 0.25))
+    model = _small_model(geometry)
+    start = save_checkpoint(tmp_path / "start.pt", model)
+    (xy,) = field_mips(model.to_frame(Frame.PHYSICAL), make_views(["xy"], geometry))
+    mips = write_mips(tmp_path / "xy.tif", {"xy": xy.numpy()}, {"xy": (0.5, 0.25)})
+    common = ["fit", "--target-mips", str(mips), "--views", "xy", "--iterations", "3", "--backend", "torch"]
+
+    assert main([*common, "--out", str(tmp_path / "none"), "--swc", str(tmp_path / "absent.swc")]) == 2
+    assert "cannot tell the volume's z size" in capsys.readouterr().err
+
+    status = main([*common, "--volume-shape", "16", "24", "20", "--voxel-size", "2", "0.5", "0.25",
+                   "--checkpoint", str(start), "--out", str(tmp_path / "given")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "volume shape (16, 24, 20) given" in captured.out
+    assert load_checkpoint(tmp_path / "given" / FINAL_NAME).model.geometry == geometry
+
+    status = main([*common, "--checkpoint", str(start), "--out", str(tmp_path / "from_checkpoint")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert f"volume shape (16, 24, 20) from {start}" in captured.out
+    assert load_checkpoint(tmp_path / "from_checkpoint" / FINAL_NAME).model.geometry == geometry

@@ -61,6 +61,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     source.add_argument("--sample", action="store_true", help="the built-in procedural neuron volume")
     source.add_argument("--target", help="TIFF volume (Z, Y, X; ImageJ/OME hyperstacks with --channel/--time)")
     source.add_argument("--target-mips", help="TIFF of precomputed MIP images (2D per view, or a named stack)")
+    fit.add_argument(
+        "--volume-shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
+        help="volume shape for --target-mips whose axis views do not show every axis (default: the checkpoint's)",
+    )  # fmt: skip
     fit.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF")
     fit.add_argument("--time", type=int, help="time point of a time-lapse TIFF")
     fit.add_argument("--normalize", default="background", choices=["background", "minmax", "percentile"])
@@ -169,7 +173,7 @@ def _fit(args: argparse.Namespace) -> int:
     inputs = FitInputs(
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
-        resolution=_resolution(args), normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc,
+        volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args), normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc,
         num_gaussians=args.num_gaussians, seed=args.seed,
     )  # fmt: skip
     prepared = prepare_fit(inputs)

@@ -26,6 +26,10 @@ class FitInputs:
     Exactly one target source is used, in this order: ``volume`` (an array
     already in memory), ``sample``, ``target``, ``target_mips``, ``mips``; with
     none of them the checkpoint's own field MIPs are the targets.
+
+    MIP targets need the volume's shape: the axis MIPs give it when they show
+    every axis; otherwise it is ``volume_shape`` or, failing that, the shape the
+    ``checkpoint`` was made for (so a single ``xy`` MIP can be fitted).
     """
 
     view_specs: list[str] = field(default_factory=lambda: ["xy", "xz", "yz"])
@@ -39,6 +43,7 @@ class FitInputs:
     channel: int | None = None
     time: int | None = None
     voxel_size: tuple[float, float, float] | None = None
+    volume_shape: tuple[int, int, int] | None = None
     checkpoint: str | None = None
     swc: str | None = None
     num_gaussians: int = 2000
@@ -103,8 +108,17 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         targets = targets_from_volume(volume, geometry, inputs.view_specs, inputs.resolution, normalization)
     elif inputs.target_mips or inputs.mips is not None:
         images = inputs.mips if inputs.mips is not None else read_mips(inputs.target_mips, None)
-        targets = targets_from_mips(images, inputs.voxel_size or (1.0, 1.0, 1.0), normalization=normalization)
-        notes.append(f"target: precomputed MIPs {list(images)}")
+        spacing = inputs.voxel_size or (1.0, 1.0, 1.0)
+        shape, shape_source = inputs.volume_shape, "given"
+        if shape is None and inputs.checkpoint:
+            checkpoint = load_checkpoint(inputs.checkpoint)
+            if checkpoint.model.geometry is not None:
+                shape, shape_source = checkpoint.model.geometry.shape_zyx, f"from {inputs.checkpoint}"
+                spacing = inputs.voxel_size or checkpoint.model.geometry.spacing_zyx
+        geometry = VolumeGeometry(tuple(int(n) for n in shape), spacing) if shape is not None else None
+        targets = targets_from_mips(images, spacing, geometry, normalization)
+        where = f"; volume shape {geometry.shape_zyx} {shape_source}" if geometry is not None else ""
+        notes.append(f"target: precomputed MIPs {list(images)}{where}")
     elif inputs.checkpoint:
         checkpoint = load_checkpoint(inputs.checkpoint)
         if checkpoint.model.geometry is None:

@@ -284,7 +284,8 @@ def _geometry_from_axis_images(
     if missing:
         raise ValueError(
             f"cannot tell the volume's {', '.join(missing)} size from views {list(images)}; "
-            "give the volume shape (or add the axis MIPs that show it)"
+            "give the volume shape (FitInputs.volume_shape, --volume-shape; or a checkpoint that knows it), "
+            "or add the axis MIPs that show it"
         )
     return VolumeGeometry((sizes["z"].pop(), sizes["y"].pop(), sizes["x"].pop()), spacing_zyx)
 
