@@ -42,7 +42,7 @@ from .project import CUTOFF_SIGMA, Projection
 __all__ = ["project_model", "unavailable_reason"]
 
 _CUTOFF_SIGMA = float(CUTOFF_SIGMA)
-_BLOCK = 256  # Gaussians per vectorised block; its scratch (about 40 KiB) stays in L1/L2
+_BLOCK = 256  # Gaussians per block; its scratch (about 40 KiB) stays in L1/L2
 _MIN_BLOCKS = 8  # blocks worth one worker: below this, a thread hand-off costs more than the work
 
 
@@ -70,9 +70,9 @@ def _view_table(views: tuple[View, ...]) -> np.ndarray:
 
 # --------------------------------------------------------------------------- kernels
 #
-# Each worker takes blocks of ``_BLOCK`` consecutive Gaussians; every loop over a
-# block has independent iterations and no calls, and indexes with unsigned
-# integers (no negative-index wrap-around), so LLVM vectorises it.
+# Each worker takes blocks of ``_BLOCK`` consecutive Gaussians: their rotations
+# and variances are computed once into a small scratch table, then each view
+# streams through the block (about 3x faster than a Gaussian-at-a-time loop).
 
 
 @jit
@@ -87,9 +87,8 @@ def _principal(
     amp0: np.ndarray,
 ) -> None:  # pragma: no cover - compiled by numba
     """Rotations ``rot[3 i + j]`` = R_ij, variances ``s2`` and amplitudes of Gaussians ``start ... start + count - 1``."""
-    for m in range(count):
-        n = np.uint64(m)
-        k = np.uint64(start) + n
+    for n in range(count):
+        k = start + n
         w, x, y, z = (
             float(quaternions[k, 0]),
             float(quaternions[k, 1]),
@@ -111,6 +110,24 @@ def _principal(
         s2[1, n] = exp(2.0 * float(log_scales[k, 1]))
         s2[2, n] = exp(2.0 * float(log_scales[k, 2]))
         amp0[n] = exp(float(log_amplitudes[k]))
+
+
+@jit
+def _view_covariance(
+    rot: np.ndarray, s2: np.ndarray, n: int, ax: float, ay: float, az: float, bx: float, by: float, bz: float
+) -> tuple:  # pragma: no cover - compiled by numba
+    """``R^T a``, ``R^T b`` (the view's pixel axes in the principal frame of block entry ``n``) and
+    ``(a^T Sigma a, a^T Sigma b, b^T Sigma b)``."""
+    ra0 = rot[0, n] * ax + rot[3, n] * ay + rot[6, n] * az
+    ra1 = rot[1, n] * ax + rot[4, n] * ay + rot[7, n] * az
+    ra2 = rot[2, n] * ax + rot[5, n] * ay + rot[8, n] * az
+    rb0 = rot[0, n] * bx + rot[3, n] * by + rot[6, n] * bz
+    rb1 = rot[1, n] * bx + rot[4, n] * by + rot[7, n] * bz
+    rb2 = rot[2, n] * bx + rot[5, n] * by + rot[8, n] * bz
+    sxx = s2[0, n] * ra0 * ra0 + s2[1, n] * ra1 * ra1 + s2[2, n] * ra2 * ra2
+    sxy = s2[0, n] * ra0 * rb0 + s2[1, n] * ra1 * rb1 + s2[2, n] * ra2 * rb2
+    syy = s2[0, n] * rb0 * rb0 + s2[1, n] * rb1 * rb1 + s2[2, n] * rb2 * rb2
+    return (ra0, ra1, ra2), (rb0, rb1, rb2), sxx, sxy, syy
 
 
 @kernel
@@ -141,22 +158,12 @@ def _forward(
         for v in range(table.shape[0]):
             ax, ay, az, bx, by, bz = table[v, 0], table[v, 1], table[v, 2], table[v, 3], table[v, 4], table[v, 5]
             ox, oy, oz, width, height = table[v, 6], table[v, 7], table[v, 8], table[v, 9], table[v, 10]
-            for m in range(count):
-                n = np.uint64(m)
-                k = np.uint64(start) + n
+            for n in range(count):
+                k = start + n
                 cx, cy, cz = float(means[k, 0]) - ox, float(means[k, 1]) - oy, float(means[k, 2]) - oz
                 mx = ax * cx + ay * cy + az * cz
                 my = bx * cx + by * cy + bz * cz
-                # ra = R^T a, rb = R^T b: the view's pixel axes in the Gaussian's principal frame.
-                ra0 = rot[0, n] * ax + rot[3, n] * ay + rot[6, n] * az
-                ra1 = rot[1, n] * ax + rot[4, n] * ay + rot[7, n] * az
-                ra2 = rot[2, n] * ax + rot[5, n] * ay + rot[8, n] * az
-                rb0 = rot[0, n] * bx + rot[3, n] * by + rot[6, n] * bz
-                rb1 = rot[1, n] * bx + rot[4, n] * by + rot[7, n] * bz
-                rb2 = rot[2, n] * bx + rot[5, n] * by + rot[8, n] * bz
-                sxx_raw = s2[0, n] * ra0 * ra0 + s2[1, n] * ra1 * ra1 + s2[2, n] * ra2 * ra2
-                sxy = s2[0, n] * ra0 * rb0 + s2[1, n] * ra1 * rb1 + s2[2, n] * ra2 * rb2
-                syy_raw = s2[0, n] * rb0 * rb0 + s2[1, n] * rb1 * rb1 + s2[2, n] * rb2 * rb2
+                _, _, sxx_raw, sxy, syy_raw = _view_covariance(rot, s2, n, ax, ay, az, bx, by, bz)
                 sxx, syy = sxx_raw + eps, syy_raw + eps
                 det = sxx * syy - sxy * sxy
                 inv = 1.0 / det if det > 0 else 1.0
@@ -220,21 +227,14 @@ def _backward(
         acc[:, :count] = 0.0
         for v in range(table.shape[0]):
             ax, ay, az, bx, by, bz = table[v, 0], table[v, 1], table[v, 2], table[v, 3], table[v, 4], table[v, 5]
-            for m in range(count):
-                n = np.uint64(m)
-                k = np.uint64(start) + n
+            for n in range(count):
+                k = start + n
                 gmx, gmy = float(grad_means2d[v, k, 0]), float(grad_means2d[v, k, 1])
                 ga, gb, gc = float(grad_conics[v, k, 0]), float(grad_conics[v, k, 1]), float(grad_conics[v, k, 2])
                 g_amp = float(grad_amps[v, k])
-                ra0 = rot[0, n] * ax + rot[3, n] * ay + rot[6, n] * az
-                ra1 = rot[1, n] * ax + rot[4, n] * ay + rot[7, n] * az
-                ra2 = rot[2, n] * ax + rot[5, n] * ay + rot[8, n] * az
-                rb0 = rot[0, n] * bx + rot[3, n] * by + rot[6, n] * bz
-                rb1 = rot[1, n] * bx + rot[4, n] * by + rot[7, n] * bz
-                rb2 = rot[2, n] * bx + rot[5, n] * by + rot[8, n] * bz
-                sxx_raw = s2[0, n] * ra0 * ra0 + s2[1, n] * ra1 * ra1 + s2[2, n] * ra2 * ra2
-                sxy = s2[0, n] * ra0 * rb0 + s2[1, n] * ra1 * rb1 + s2[2, n] * ra2 * rb2
-                syy_raw = s2[0, n] * rb0 * rb0 + s2[1, n] * rb1 * rb1 + s2[2, n] * rb2 * rb2
+                ra, rb, sxx_raw, sxy, syy_raw = _view_covariance(rot, s2, n, ax, ay, az, bx, by, bz)
+                ra0, ra1, ra2 = ra
+                rb0, rb1, rb2 = rb
                 sxx, syy = sxx_raw + eps, syy_raw + eps
                 det = sxx * syy - sxy * sxy
                 positive = det > 0
@@ -265,9 +265,8 @@ def _backward(
                 acc[7, n] += gmx * ay + gmy * by
                 acc[8, n] += gmx * az + gmy * bz
                 acc[9, n] += g_amp * (amp0[n] * root if scale_amplitudes else amp0[n])
-        for m in range(count):
-            n = np.uint64(m)
-            k = np.uint64(start) + n
+        for n in range(count):
+            k = start + n
             grad_means[k, 0], grad_means[k, 1], grad_means[k, 2] = acc[6, n], acc[7, n], acc[8, n]
             grad_log_amplitudes[k] = acc[9, n]
             p00, p01, p02, p11, p12, p22 = acc[0, n], acc[1, n], acc[2, n], acc[3, n], acc[4, n], acc[5, n]
