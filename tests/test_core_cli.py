@@ -279,7 +279,7 @@ def test_fit_a_single_xy_mip_with_the_volume_shape(tmp_path, capsys):
 
 def test_fit_sample_uses_the_cpu_backend_by_default_without_a_gpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    status = main(["fit", "--sample", "--iterations", "2", "--downsample", "4", "--out", str(tmp_path / "run")])
+    status = main(["fit", "--sample", "--iterations", "2", "--downsample", "2", "--out", str(tmp_path / "run")])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "device cpu" in captured.out and "renderer backend cpu (requested auto)" in captured.out
