@@ -1,10 +1,9 @@
 """CPU benchmark of the MIP rasterisers: training-step it/s, forward/backward ms, peak memory, JIT warm-up.
 
-Scenes (same recipe as ``bench_gpu.py``): K = 12,145 random Gaussians inside the
-100 x 647 x 813 (Z, Y, X) volume box, sigma 1-3 voxels per principal axis,
-random rotations, amplitudes 0.2-1; physical frame = voxel units (spacing 1);
-views ``xy``, ``xz``, ``yz`` from ``make_views``.  Targets are the scene rendered
-once (no gradient); training starts from a perturbed copy.
+Scenes (``bench_scenes.py``, shared with ``bench_gpu.py``): K = 12,145 random
+Gaussians inside the 100 x 647 x 813 (Z, Y, X) volume box; views ``xy``, ``xz``,
+``yz`` from ``make_views``.  Targets are the scene rendered once (no gradient);
+training starts from a perturbed copy.
 
 =====  =======================================  ==========================
 name   views                                    backends
@@ -60,23 +59,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
-VOLUME_ZYX = (100, 647, 813)
-NUM_GAUSSIANS = 12_145
+from bench_scenes import NUM_GAUSSIANS, VOLUME_ZYX, Scenario, perturbed, random_gaussians
+
 MODE, BETA, LAMBDA_SSIM, LR, GRAD_CLIP = "soft", 50.0, 0.1, 1e-3, 1.0
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One benchmark configuration."""
-
-    name: str
-    num_gaussians: int
-    volume_zyx: tuple[int, int, int]
-    resolution: tuple[int, int] | None
-    backends: tuple[str, ...]
 
 
 SCENARIOS = {
@@ -142,23 +129,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def random_gaussians(torch, k: int, geometry, generator) -> dict:
-    """Gaussians inside the volume box, sigma 1-3 voxels, random rotations, amplitudes 0.2-1."""
-    extent = torch.tensor(geometry.extent_xyz, dtype=torch.float32)
-    return {
-        "means": torch.rand(k, 3, generator=generator) * extent,
-        "log_scales": torch.log(1 + 2 * torch.rand(k, 3, generator=generator)),
-        "quaternions": torch.randn(k, 4, generator=generator),
-        "log_amplitudes": torch.log(0.2 + 0.8 * torch.rand(k, generator=generator)),
-    }
-
-
-def perturbed(torch, params: dict, generator) -> dict:
-    """A nearby starting point for the training steps."""
-    noise = {"means": 0.5, "log_scales": 0.1, "quaternions": 0.1, "log_amplitudes": 0.1}
-    return {n: v + noise[n] * torch.randn(v.shape, generator=generator) for n, v in params.items()}
-
-
 def timed_rounds(fn, rounds: int, seconds: float, max_steps: int) -> list[float]:
     """Seconds per call of ``fn`` in each round (a round: ``seconds`` of calls, at most ``max_steps``)."""
     per_call = []
@@ -211,8 +181,8 @@ def run_child(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     geometry = VolumeGeometry(scenario.volume_zyx)
     views = make_views(["xy", "xz", "yz"], geometry, scenario.resolution)
-    truth = random_gaussians(torch, scenario.num_gaussians, geometry, generator)
-    start = perturbed(torch, truth, generator)
+    truth = random_gaussians(scenario.num_gaussians, geometry, generator)
+    start = perturbed(truth, generator)
     params = {n: v.clone().requires_grad_(True) for n, v in start.items()}
 
     def projection_of(p: dict) -> Projection:

@@ -53,24 +53,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench_scenes import VOLUME_ZYX, Scenario, perturbed, random_gaussians
+
 MODE = "soft"
 BETA = 50.0
 LAMBDA_SSIM = 0.1
-VOLUME_ZYX = (100, 647, 813)
 REFERENCE_BYTES_PER_ENTRY = 120
 """Rough bytes the reference rasteriser allocates per (pair, pixel) entry (indices, gathers, temporaries)."""
-
-
-@dataclass
-class Scenario:
-    """One benchmark configuration."""
-
-    name: str
-    num_gaussians: int
-    volume_zyx: tuple[int, int, int]
-    resolution: tuple[int, int] | None
-    backends: tuple[str, ...]
-    note: str = ""
 
 
 SCENARIOS = {
@@ -203,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         geometry = VolumeGeometry(scenario.volume_zyx)
         views = make_views(["xy", "xz", "yz"], geometry, scenario.resolution)
-        params = random_gaussians(torch, scenario.num_gaussians, geometry, generator, device)
+        params = random_gaussians(scenario.num_gaussians, geometry, generator, device)
 
         def projection_of(p: dict[str, torch.Tensor], views=views) -> Projection:
             return project(
@@ -229,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             # Targets: the scene itself, rendered once; training starts from a perturbed copy.
             target_render = raster_triton.rasterize if reason is None else raster_torch.rasterize
             targets = [t.detach().clamp(0, 1) for t in target_render(base, MODE, BETA)]
-            start = perturbed(torch, params, generator)
+            start = perturbed(params, generator)
         results = []
         runs = []  # (row name, backend, tile)
         for backend in scenario.backends:
@@ -298,32 +287,6 @@ def describe_device(torch, device) -> None:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton not installed")
-
-
-def random_gaussians(torch, k: int, geometry, generator, device) -> dict:
-    """Gaussians inside the volume box, sigma 1-3 voxels, random rotations, amplitudes 0.2-1."""
-    extent = torch.tensor(geometry.extent_xyz, dtype=torch.float32)
-    params = {
-        "means": torch.rand(k, 3, generator=generator) * extent,
-        "log_scales": torch.log(1 + 2 * torch.rand(k, 3, generator=generator)),
-        "quaternions": torch.randn(k, 4, generator=generator),
-        "log_amplitudes": torch.log(0.2 + 0.8 * torch.rand(k, generator=generator)),
-    }
-    return {name: value.to(device) for name, value in params.items()}
-
-
-def perturbed(torch, params: dict, generator) -> dict:
-    """A nearby starting point for the training steps."""
-    noise = {
-        "means": 0.5,
-        "log_scales": 0.1,
-        "quaternions": 0.1,
-        "log_amplitudes": 0.1,
-    }
-    return {
-        name: value + scale * torch.randn(value.shape, generator=generator).to(value.device)
-        for name, (value, scale) in ((n, (params[n], s)) for n, s in noise.items())
-    }
 
 
 def reset_peak(torch, device) -> None:
