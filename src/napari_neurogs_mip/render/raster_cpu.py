@@ -119,6 +119,21 @@ def _bin(rects: np.ndarray, layout: np.ndarray, num_tiles: int) -> tuple[np.ndar
     return starts, items
 
 
+@jit
+def _pair(
+    means2d: np.ndarray, conics: np.ndarray, rects: np.ndarray, v: int, k: int, transposed: bool
+) -> tuple:  # pragma: no cover - compiled by numba
+    """Centre, conic ``(A, 2 B, C)`` and rectangle of pair (v, k), the rectangle as kernel-layout
+    ``(lane first, lane last, row first, row last)``."""
+    # 2 B as B + B: the reference's 2 * B, without promoting float32 to float64.
+    cb2 = conics[v, k, 1] + conics[v, k, 1]
+    if transposed:
+        l0, l1, r0, r1 = rects[v, k, 1], rects[v, k, 3], rects[v, k, 0], rects[v, k, 2]
+    else:
+        l0, l1, r0, r1 = rects[v, k, 0], rects[v, k, 2], rects[v, k, 1], rects[v, k, 3]
+    return means2d[v, k, 0], means2d[v, k, 1], conics[v, k, 0], cb2, conics[v, k, 2], l0, l1, r0, r1
+
+
 @kernel
 def _forward(
     means2d: np.ndarray,
@@ -175,14 +190,8 @@ def _forward(
         # Pass 1: per-pixel maximum of log g = log a - q / 2, and the Gaussian that reaches it.
         for j in range(starts[t], starts[t + 1]):
             k = items[j]
-            mx, my = means2d[v, k, 0], means2d[v, k, 1]
-            ca, cb, cc = conics[v, k, 0], conics[v, k, 1], conics[v, k, 2]
-            cb2 = cb + cb  # the reference's 2 * B, without promoting float32 to float64
+            mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
             log_amp = np.log(amps[v, k])
-            if transposed:
-                l0, l1, r0, r1 = rects[v, k, 1], rects[v, k, 3], rects[v, k, 0], rects[v, k, 2]
-            else:
-                l0, l1, r0, r1 = rects[v, k, 0], rects[v, k, 2], rects[v, k, 1], rects[v, k, 3]
             lo, hi = l0 - lane0, l1 - lane0
             for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                 fixed = coords[r]
@@ -207,14 +216,8 @@ def _forward(
             # Pass 2: softmax sums, the maximum known (no rescaling).
             for j in range(starts[t], starts[t + 1]):
                 k = items[j]
-                mx, my = means2d[v, k, 0], means2d[v, k, 1]
-                ca, cb, cc = conics[v, k, 0], conics[v, k, 1], conics[v, k, 2]
-                cb2 = cb + cb
+                mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
                 amp = amps[v, k]
-                if transposed:
-                    l0, l1, r0, r1 = rects[v, k, 1], rects[v, k, 3], rects[v, k, 0], rects[v, k, 2]
-                else:
-                    l0, l1, r0, r1 = rects[v, k, 0], rects[v, k, 2], rects[v, k, 1], rects[v, k, 3]
                 lo, hi = l0 - lane0, l1 - lane0
                 for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                     fixed = coords[r]
@@ -333,18 +336,12 @@ def _backward(
     acc = np.empty((6, LANES), grad_k.dtype)
     for k in range(worker, num_gaussians, num_workers):
         for v in range(num_views):
-            x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
             transposed = layout[v, _TRANSPOSED] != 0
             stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
-            mx, my = means2d[v, k, 0], means2d[v, k, 1]
-            ca, cb, cc = conics[v, k, 0], conics[v, k, 1], conics[v, k, 2]
-            cb2 = cb + cb
+            mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
+            cb = conics[v, k, 1]
             amp = amps[v, k]
-            if transposed:
-                l0, l1, r0, r1 = y0, y1, x0, x1
-            else:
-                l0, l1, r0, r1 = x0, x1, y0, y1
-            if x0 > x1:  # culled: an empty row range
+            if rects[v, k, 0] > rects[v, k, 2]:  # culled: an empty row range
                 r1 = r0 - 1
             acc[:] = zero
             for r in range(r0, r1 + 1):
