@@ -329,6 +329,18 @@ def forward_backward(torch, timer: Timer, rasterize: Callable, projection, args)
     return forward_ms, statistics.median(backward_times)
 
 
+def steps_per_second(step: Callable[[], None], timer, args) -> float:
+    """``args.steps`` timed calls of ``step`` after ``args.warmup`` untimed ones, synchronised with the device."""
+    for _ in range(args.warmup):
+        step()
+    timer.sync()
+    begin = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    timer.sync()
+    return args.steps / (time.perf_counter() - begin)
+
+
 def eager_training(torch, timer, start, projection_of, targets, loss_fn, rasterize, args, device) -> float:
     """Training steps per second, everything eager."""
     params = {n: v.detach().clone().requires_grad_(True) for n, v in start.items()}
@@ -340,14 +352,7 @@ def eager_training(torch, timer, start, projection_of, targets, loss_fn, rasteri
         loss.backward()
         optimiser.step()
 
-    for _ in range(args.warmup):
-        step()
-    timer.sync()
-    begin = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    timer.sync()
-    return args.steps / (time.perf_counter() - begin)
+    return steps_per_second(step, timer, args)
 
 
 def graphed_training(torch, timer, start, projection_of, targets, loss_fn, exact, args, result) -> float:
@@ -384,14 +389,7 @@ def graphed_training(torch, timer, start, projection_of, targets, loss_fn, exact
         loss.backward()
         optimiser.step()
 
-    for _ in range(args.warmup):
-        step()
-    timer.sync()
-    begin = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    timer.sync()
-    rate = args.steps / (time.perf_counter() - begin)
+    rate = steps_per_second(step, timer, args)
     final = rasterizer.check_capacity()  # raises if the fixed buffer overflowed during the run
     result.notes.append(f"capacity {capacity:,}, last need {final:,}")
     return rate
