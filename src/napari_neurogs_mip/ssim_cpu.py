@@ -15,6 +15,8 @@ pixels), which stays the reference on other devices and in the tests.  With
 Why: in a CPU training step at 128 x 128 the PyTorch formulation costs about
 1.6 ms per view (dozens of small ops, forward and backward); these kernels
 take about 0.15 ms (``benchmarks/bench_cpu.py``).  Arithmetic is float64.
+Large images are split by rows over the thread pool of :mod:`.numba_runtime`;
+each pass gathers, so workers write disjoint rows.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .numba_runtime import IMPORT_ERROR, kernel
+from .numba_runtime import IMPORT_ERROR, kernel, run_parallel
 
 __all__ = ["ssim", "unavailable_reason"]
+
+_PIXELS_PER_WORKER = 65_536
 
 
 def unavailable_reason() -> str | None:
@@ -35,14 +39,15 @@ def unavailable_reason() -> str | None:
 
 
 @kernel
-def _moments(x: np.ndarray, y: np.ndarray, window: np.ndarray) -> np.ndarray:  # pragma: no cover - numba
-    """Blurred ``x, y, x^2, y^2, xy`` as [5, H - taps + 1, W - taps + 1] (separable 'valid' filter)."""
-    taps = window.shape[0]
-    height, width = x.shape
-    out_h, out_w = height - taps + 1, width - taps + 1
-    rows = np.zeros((5, height, out_w))
-    for r in range(height):
-        for t in range(taps):
+def _blur_rows(
+    x: np.ndarray, y: np.ndarray, window: np.ndarray, worker: int, num_workers: int, rows: np.ndarray
+) -> None:  # pragma: no cover - compiled by numba
+    """``rows[:, r]`` = the five channels ``x, y, x^2, y^2, xy`` of image rows ``r = worker, worker + num_workers, ...``
+    filtered along the row ('valid')."""
+    out_w = rows.shape[2]
+    for r in range(worker, x.shape[0], num_workers):
+        rows[:, r, :] = 0.0  # here rather than np.zeros: the row is written next, while in cache
+        for t in range(window.shape[0]):
             w = window[t]
             for c in range(out_w):
                 a, b = float(x[r, c + t]), float(y[r, c + t])
@@ -51,29 +56,38 @@ def _moments(x: np.ndarray, y: np.ndarray, window: np.ndarray) -> np.ndarray:  #
                 rows[2, r, c] += w * a * a
                 rows[3, r, c] += w * b * b
                 rows[4, r, c] += w * a * b
-    moments = np.zeros((5, out_h, out_w))
-    for k in range(5):
-        for r in range(out_h):
-            for t in range(taps):
-                w = window[t]
-                for c in range(out_w):
-                    moments[k, r, c] += w * rows[k, r + t, c]
-    return moments
 
 
 @kernel
-def _ssim_map(moments: np.ndarray, c1: float, c2: float, with_grad: bool) -> tuple[float, np.ndarray]:
-    """Mean SSIM and, with ``with_grad``, [5, h, w] partials ``dS/d(mu_x, mu_y, E[x^2], E[y^2], E[xy])``."""
-    out_h, out_w = moments.shape[1], moments.shape[2]
-    partials = np.empty((5, out_h, out_w) if with_grad else (5, 0, 0))
-    total = 0.0
-    for r in range(out_h):
+def _ssim_rows(
+    rows: np.ndarray,
+    window: np.ndarray,
+    c1: float,
+    c2: float,
+    worker: int,
+    num_workers: int,
+    row_sums: np.ndarray,
+    partials: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba
+    """Output rows ``r = worker, ...``: the moments (column filter of ``rows``), ``row_sums[r]`` = the sum of
+    the SSIM map over the row and, when ``partials`` has rows, ``dS/d(mu_x, mu_y, E[x^2], E[y^2], E[xy])``."""
+    taps, out_w = window.shape[0], rows.shape[2]
+    with_grad = partials.shape[1] > 0
+    moments = np.empty((5, out_w))
+    for r in range(worker, row_sums.shape[0], num_workers):
+        moments[:] = 0.0
+        for k in range(5):
+            for t in range(taps):
+                w = window[t]
+                for c in range(out_w):
+                    moments[k, c] += w * rows[k, r + t, c]
+        total = 0.0
         for c in range(out_w):
-            mx, my = moments[0, r, c], moments[1, r, c]
+            mx, my = moments[0, c], moments[1, c]
             a1 = 2.0 * mx * my + c1
-            a2 = 2.0 * (moments[4, r, c] - mx * my) + c2
+            a2 = 2.0 * (moments[4, c] - mx * my) + c2
             b1 = mx * mx + my * my + c1
-            b2 = moments[2, r, c] - mx * mx + moments[3, r, c] - my * my + c2
+            b2 = moments[2, c] - mx * mx + moments[3, c] - my * my + c2
             inv = 1.0 / (b1 * b2)
             s = a1 * a2 * inv
             total += s
@@ -84,55 +98,73 @@ def _ssim_map(moments: np.ndarray, c1: float, c2: float, with_grad: bool) -> tup
                 partials[2, r, c] = -s / b2
                 partials[3, r, c] = -s / b2
                 partials[4, r, c] = 2.0 * a1 * inv
-    return total / (out_h * out_w), partials
+        row_sums[r] = total
 
 
 @kernel
-def _backward(
-    x: np.ndarray, y: np.ndarray, window: np.ndarray, partials: np.ndarray, scale: float
-) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - numba
-    """``scale * dS/dx`` and ``scale * dS/dy`` from the partials (transposed separable filter)."""
+def _gradient_rows(
+    x: np.ndarray,
+    y: np.ndarray,
+    window: np.ndarray,
+    partials: np.ndarray,
+    scale: float,
+    worker: int,
+    num_workers: int,
+    grad_x: np.ndarray,
+    grad_y: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba
+    """Image rows ``r = worker, ...`` of ``scale dS/dx`` and ``scale dS/dy``: the transposed (full) filter of
+    the partials, gathered per row so that workers write disjoint rows."""
     taps = window.shape[0]
     height, width = x.shape
     out_h, out_w = partials.shape[1], partials.shape[2]
-    cols = np.zeros((5, height, out_w))  # W_cols^T of every partial map
-    for k in range(5):
-        for r in range(out_h):
-            for t in range(taps):
-                w = window[t] * scale
+    cols = np.empty((5, out_w))  # transposed column filter, this row
+    full = np.empty((5, width))  # then transposed row filter
+    for r in range(worker, height, num_workers):
+        cols[:] = 0.0
+        for t in range(max(0, r - out_h + 1), min(taps, r + 1)):
+            w = window[t] * scale
+            for k in range(5):
                 for c in range(out_w):
-                    cols[k, r + t, c] += w * partials[k, r, c]
-    full = np.zeros((5, height, width))  # then W_rows^T
-    for k in range(5):
-        for r in range(height):
+                    cols[k, c] += w * partials[k, r - t, c]
+        full[:] = 0.0
+        for k in range(5):
             for t in range(taps):
                 w = window[t]
                 for c in range(out_w):
-                    full[k, r, c + t] += w * cols[k, r, c]
-    grad_x = np.empty((height, width))
-    grad_y = np.empty((height, width))
-    for r in range(height):
+                    full[k, c + t] += w * cols[k, c]
         for c in range(width):
             a, b = float(x[r, c]), float(y[r, c])
-            grad_x[r, c] = full[0, r, c] + 2.0 * a * full[2, r, c] + b * full[4, r, c]
-            grad_y[r, c] = full[1, r, c] + 2.0 * b * full[3, r, c] + a * full[4, r, c]
-    return grad_x, grad_y
+            grad_x[r, c] = full[0, c] + 2.0 * a * full[2, c] + b * full[4, c]
+            grad_y[r, c] = full[1, c] + 2.0 * b * full[3, c] + a * full[4, c]
+
+
+def _min_rows(width: int) -> int:
+    """Rows worth one worker: small images run on the calling thread (a hand-off costs ~0.1 ms)."""
+    return max(1, -(-_PIXELS_PER_WORKER // max(width, 1)))
 
 
 class _Ssim(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, window: np.ndarray, c1: float, c2: float) -> torch.Tensor:
         x_np, y_np = x.detach().contiguous().numpy(), y.detach().contiguous().numpy()
-        with_grad = any(ctx.needs_input_grad[:2])
-        value, partials = _ssim_map(_moments(x_np, y_np, window), c1, c2, with_grad)
+        (height, width), taps = x_np.shape, window.shape[0]
+        out_h, out_w = height - taps + 1, width - taps + 1
+        rows = np.empty((5, height, out_w))
+        run_parallel(_blur_rows, (x_np, y_np, window), (rows,), height, _min_rows(width))
+        row_sums = np.empty(out_h)
+        partials = np.empty((5, out_h, out_w) if any(ctx.needs_input_grad[:2]) else (5, 0, 0))
+        run_parallel(_ssim_rows, (rows, window, c1, c2), (row_sums, partials), out_h, _min_rows(width))
         ctx.arrays = (x_np, y_np, window, partials)
-        return torch.tensor(value, dtype=x.dtype)
+        return torch.tensor(row_sums.sum() / (out_h * out_w), dtype=x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_np, y_np, window, partials = ctx.arrays
         scale = float(grad) / (partials.shape[1] * partials.shape[2])
-        grad_x, grad_y = _backward(x_np, y_np, window, partials, scale)
+        grad_x, grad_y = np.empty(x_np.shape), np.empty(x_np.shape)
+        before = (x_np, y_np, window, partials, scale)
+        run_parallel(_gradient_rows, before, (grad_x, grad_y), x_np.shape[0], _min_rows(x_np.shape[1]))
         dtype = grad.dtype
         return (
             torch.from_numpy(grad_x).to(dtype) if ctx.needs_input_grad[0] else None,
