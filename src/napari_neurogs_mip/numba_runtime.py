@@ -123,6 +123,11 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def numpy_view(tensor: Any) -> np.ndarray:
+    """A numpy view of a CPU tensor for the kernels (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().numpy()
+
+
 def available_cpus() -> int:
     """CPUs this process may run on."""
     try:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .numba_runtime import IMPORT_ERROR, kernel, run_parallel
+from .numba_runtime import IMPORT_ERROR, kernel, numpy_view, run_parallel
 
 __all__ = ["ssim", "unavailable_reason"]
 
@@ -147,7 +147,7 @@ def _min_rows(width: int) -> int:
 class _Ssim(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, window: np.ndarray, c1: float, c2: float) -> torch.Tensor:
-        x_np, y_np = x.detach().contiguous().numpy(), y.detach().contiguous().numpy()
+        x_np, y_np = numpy_view(x), numpy_view(y)
         (height, width), taps = x_np.shape, window.shape[0]
         out_h, out_w = height - taps + 1, width - taps + 1
         rows = np.empty((5, height, out_w))

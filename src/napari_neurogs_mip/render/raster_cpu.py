@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, run_parallel
+from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, numpy_view, run_parallel
 from .project import CUTOFF_SIGMA, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
@@ -425,11 +425,6 @@ def _layout(shapes: list[tuple[int, int]], rects: np.ndarray) -> tuple[np.ndarra
     return layout, np.concatenate(tile_views), kernel_offset
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor (a copy only when it is not contiguous)."""
-    return tensor.detach().contiguous().numpy()
-
-
 def _scalars(dtype: torch.dtype, beta: float) -> tuple:
     """``beta``, 1/2 and the cut-off as numpy scalars of the image dtype (keeps float32 kernels in float32)."""
     scalar = np.float32 if dtype == torch.float32 else np.float64
@@ -452,7 +447,7 @@ class _Rasterize(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = means2d.dtype
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        rects_np = _numpy(rects.to(torch.int32))
+        rects_np = numpy_view(rects.to(torch.int32))
         layout, tile_view, total_k = _layout(shapes, rects_np)
         starts, items = _bin(rects_np, layout, len(tile_view))
         # Pixel coordinates along both kernel axes: lanes (up to the padded stride) and rows (which, in a
@@ -466,7 +461,7 @@ class _Rasterize(torch.autograd.Function):
         inv_norm_k = np.empty(total_k if soft else 0, np_dtype)
         argmax_k = np.empty(0 if soft else total_k, np.int32)
         before = (
-            _numpy(means2d), _numpy(conics), _numpy(amplitudes), rects_np, layout, tile_view, starts, items, coords,
+            numpy_view(means2d), numpy_view(conics), numpy_view(amplitudes), rects_np, layout, tile_view, starts, items, coords,
             soft, *_scalars(dtype, beta),
         )  # fmt: skip
         run_parallel(_forward, before, (image.numpy(), out_k, peak_k, inv_norm_k, argmax_k), len(tile_view))
@@ -480,10 +475,10 @@ class _Rasterize(torch.autograd.Function):
         means2d, conics, amplitudes = ctx.saved_tensors
         rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k = ctx.arrays
         dtype = means2d.dtype
-        grad_k = _to_kernel_layout(_numpy(grad_image.to(dtype)), layout, out_k.shape[0])
+        grad_k = _to_kernel_layout(numpy_view(grad_image.to(dtype)), layout, out_k.shape[0])
         grads = tuple(torch.empty(t.shape, dtype=dtype) for t in (means2d, conics, amplitudes))
         before = (
-            _numpy(means2d), _numpy(conics), _numpy(amplitudes), rects_np, layout, coords, ctx.soft,
+            numpy_view(means2d), numpy_view(conics), numpy_view(amplitudes), rects_np, layout, coords, ctx.soft,
             *_scalars(dtype, ctx.beta),
         )  # fmt: skip
         after = (grad_k, out_k, peak_k, inv_norm_k, argmax_k, *(g.numpy() for g in grads))
