@@ -134,6 +134,21 @@ def _pair(
     return means2d[v, k, 0], means2d[v, k, 1], conics[v, k, 0], cb2, conics[v, k, 2], l0, l1, r0, r1
 
 
+@jit
+def _offset(
+    fixed: float, lane_coord: float, mx: float, my: float, ca: float, cb2: float, cc: float, transposed: bool
+) -> tuple:  # pragma: no cover - compiled by numba
+    """``(dx, dy, q)`` of a pixel from its row and lane coordinates: ``q = A dx^2 + 2 B dx dy + C dy^2``,
+    evaluated in the reference's order (so both include the same pixels)."""
+    if transposed:
+        dx = fixed - mx
+        dy = lane_coord - my
+    else:
+        dx = lane_coord - mx
+        dy = fixed - my
+    return dx, dy, ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+
+
 @kernel
 def _forward(
     means2d: np.ndarray,
@@ -198,13 +213,7 @@ def _forward(
                 row = np.uint64((r - row0) * LANES)
                 for lane in range(LANES):
                     ul = np.uint64(lane)
-                    if transposed:
-                        dx = fixed - mx
-                        dy = coords[u0 + ul] - my
-                    else:
-                        dx = coords[u0 + ul] - mx
-                        dy = fixed - my
-                    q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+                    _, _, q = _offset(fixed, coords[u0 + ul], mx, my, ca, cb2, cc, transposed)
                     value = log_amp - half * q
                     i = row + ul
                     better = (lane >= lo) & (lane <= hi) & (q <= cutoff) & (value > best[i])
@@ -224,13 +233,7 @@ def _forward(
                     row = np.uint64((r - row0) * LANES)
                     for lane in range(LANES):
                         ul = np.uint64(lane)
-                        if transposed:
-                            dx = fixed - mx
-                            dy = coords[u0 + ul] - my
-                        else:
-                            dx = coords[u0 + ul] - mx
-                            dy = fixed - my
-                        q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+                        _, _, q = _offset(fixed, coords[u0 + ul], mx, my, ca, cb2, cc, transposed)
                         # Masked lanes compute with q clamped to the cut-off: their values are discarded,
                         # and the clamp keeps them out of (very slow) subnormal arithmetic.
                         g = amp * exp(-half * min(q, cutoff))
@@ -353,13 +356,7 @@ def _backward(
                     last = l1 - c0
                     for lane in range(LANES):
                         ul = np.uint64(lane)
-                        if transposed:
-                            dx = fixed - mx
-                            dy = coords[cu + ul] - my
-                        else:
-                            dx = coords[cu + ul] - mx
-                            dy = fixed - my
-                        q = ca * dx * dx + cb2 * dx * dy + cc * dy * dy
+                        dx, dy, q = _offset(fixed, coords[cu + ul], mx, my, ca, cb2, cc, transposed)
                         e = exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
                         g = amp * e
                         inside = (lane <= last) & (q <= cutoff)
