@@ -76,6 +76,12 @@ def _view_table(views: tuple[View, ...]) -> np.ndarray:
 
 
 @jit
+def _block_scratch() -> tuple:  # pragma: no cover - compiled by numba
+    """A worker's arrays for :func:`_principal`: ``unit`` [5, B], ``rot`` [9, B], ``s2`` [3, B], ``amp0`` [B]."""
+    return np.empty((5, _BLOCK)), np.empty((9, _BLOCK)), np.empty((3, _BLOCK)), np.empty(_BLOCK)
+
+
+@jit
 def _principal(
     quaternions: np.ndarray,
     log_scales: np.ndarray,
@@ -151,10 +157,7 @@ def _forward(
 ) -> None:  # pragma: no cover - compiled by numba; covered through project_model
     """Project the blocks ``worker, worker + num_workers, ...`` of Gaussians into every view."""
     num_gaussians = means.shape[0]
-    unit = np.empty((5, _BLOCK))
-    rot = np.empty((9, _BLOCK))
-    s2 = np.empty((3, _BLOCK))
-    amp0 = np.empty(_BLOCK)
+    unit, rot, s2, amp0 = _block_scratch()
     scale_amplitudes = compensate and eps > 0
     for start in range(worker * _BLOCK, num_gaussians, num_workers * _BLOCK):
         count = min(_BLOCK, num_gaussians - start)
@@ -219,10 +222,7 @@ def _backward(
 ) -> None:  # pragma: no cover - compiled by numba; covered through project_model
     """Parameter gradients of the blocks ``worker, worker + num_workers, ...`` (see the module docstring)."""
     num_gaussians = means.shape[0]
-    unit = np.empty((5, _BLOCK))
-    rot = np.empty((9, _BLOCK))
-    s2 = np.empty((3, _BLOCK))
-    amp0 = np.empty(_BLOCK)
+    unit, rot, s2, amp0 = _block_scratch()
     # Per Gaussian: P_00, P_01, P_02, P_11, P_12, P_22 (P = R^T dL/dSigma R), dL/dmu, dL/d log a.
     acc = np.empty((10, _BLOCK))
     scale_amplitudes = compensate and eps > 0
