@@ -283,3 +283,12 @@ def test_fit_sample_uses_the_cpu_backend_by_default_without_a_gpu(tmp_path, caps
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "device cpu" in captured.out and "renderer backend cpu (requested auto)" in captured.out
+
+
+def test_axis_mips_that_show_every_axis_set_the_shape_over_a_checkpoints(tmp_path):
+    rng = np.random.default_rng(4)
+    start = save_checkpoint(tmp_path / "start.pt", _small_model(VolumeGeometry((16, 24, 20), (2.0, 0.5, 0.25))))
+    mips = {"xy": rng.random((40, 50)), "xz": rng.random((30, 50)), "yz": rng.random((30, 40))}
+    prepared = prepare_fit(FitInputs(mips=mips, view_specs=list(mips), checkpoint=str(start)))
+    assert prepared.targets.geometry.shape_zyx == (30, 40, 50)
+    assert prepared.model.geometry.shape_zyx == (30, 40, 50)

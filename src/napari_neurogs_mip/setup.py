@@ -14,7 +14,7 @@ import numpy as np
 from .frames import Frame, VolumeGeometry
 from .io.checkpoint import Checkpoint, load_checkpoint
 from .model import GaussianModel
-from .targets import Normalization, Targets, targets_from_mips, targets_from_volume
+from .targets import Normalization, Targets, shown_axes, targets_from_mips, targets_from_volume
 
 Resolution = None | float | tuple[int, int]
 
@@ -27,9 +27,10 @@ class FitInputs:
     already in memory), ``sample``, ``target``, ``target_mips``, ``mips``; with
     none of them the checkpoint's own field MIPs are the targets.
 
-    MIP targets need the volume's shape: the axis MIPs give it when they show
-    every axis; otherwise it is ``volume_shape`` or, failing that, the shape the
-    ``checkpoint`` was made for (so a single ``xy`` MIP can be fitted).
+    MIP targets need the volume's shape: ``volume_shape`` when given (the axis
+    MIPs must agree with it); else the axis MIPs give it when they show every
+    axis; else it is the shape the ``checkpoint`` was made for (so a single
+    ``xy`` MIP can be fitted).
     """
 
     view_specs: list[str] = field(default_factory=lambda: ["xy", "xz", "yz"])
@@ -109,15 +110,18 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     elif inputs.target_mips or inputs.mips is not None:
         images = inputs.mips if inputs.mips is not None else read_mips(inputs.target_mips, None)
         spacing = inputs.voxel_size or (1.0, 1.0, 1.0)
-        shape, shape_source = inputs.volume_shape, "given"
-        if shape is None and inputs.checkpoint:
+        geometry, where = None, ""
+        if inputs.volume_shape is not None:
+            geometry = VolumeGeometry(inputs.volume_shape, spacing)
+            where = f"; volume shape {geometry.shape_zyx} given"
+        elif inputs.checkpoint and shown_axes(images) != set("zyx"):
+            # The axis MIPs leave a size unknown: the volume the checkpoint was made for supplies it.
             checkpoint = load_checkpoint(inputs.checkpoint)
             if checkpoint.model.geometry is not None:
-                shape, shape_source = checkpoint.model.geometry.shape_zyx, f"from {inputs.checkpoint}"
-                spacing = inputs.voxel_size or checkpoint.model.geometry.spacing_zyx
-        geometry = VolumeGeometry(tuple(int(n) for n in shape), spacing) if shape is not None else None
+                known = checkpoint.model.geometry
+                geometry = VolumeGeometry(known.shape_zyx, inputs.voxel_size or known.spacing_zyx)
+                where = f"; volume shape {geometry.shape_zyx} from {inputs.checkpoint}"
         targets = targets_from_mips(images, spacing, geometry, normalization)
-        where = f"; volume shape {geometry.shape_zyx} {shape_source}" if geometry is not None else ""
         notes.append(f"target: precomputed MIPs {list(images)}{where}")
     elif inputs.checkpoint:
         checkpoint = load_checkpoint(inputs.checkpoint)

@@ -268,6 +268,11 @@ def targets_from_mips(
     return Targets(views, [_normalise(i, low, high) for i in images.values()], geometry, low, high, normalization)
 
 
+def shown_axes(images: dict[str, np.ndarray]) -> set[str]:
+    """The volume axes (``z``, ``y``, ``x``) whose sizes the axis MIPs among ``images`` show."""
+    return {axis for name in images if name in AXIS_VIEWS for axis in name}
+
+
 def _geometry_from_axis_images(
     images: dict[str, np.ndarray], spacing_zyx: tuple[float, float, float]
 ) -> VolumeGeometry:
@@ -280,7 +285,7 @@ def _geometry_from_axis_images(
     for axis, found in sizes.items():
         if len(found) > 1:
             raise ValueError(f"the axis MIP images disagree on the {axis} size: {sorted(found)}")
-    missing = [axis for axis, found in sizes.items() if not found]
+    missing = [axis for axis in "zyx" if axis not in shown_axes(images)]
     if missing:
         raise ValueError(
             f"cannot tell the volume's {', '.join(missing)} size from views {list(images)}; "
