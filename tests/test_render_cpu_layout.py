@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("numba")
+
 from napari_neurogs_mip.frames import VolumeGeometry
 from napari_neurogs_mip.model import GaussianModel
 from napari_neurogs_mip.render import Renderer, raster_cpu
@@ -28,8 +30,10 @@ def test_wide_views_match_reference_in_every_layout(monkeypatch, orientation):
     )
     views = make_views(["xy", "xz"], geometry)
     monkeypatch.setattr(raster_cpu, "ORIENTATION", orientation)
+    renderer = Renderer.create("cpu", "cpu")
+    assert renderer.backend == "cpu", renderer.fallback_reason
     with torch.no_grad():
-        fast = Renderer.create("cpu", "cpu").render(model, views)
+        fast = renderer.render(model, views)
         reference = Renderer.create("cpu", "torch").render(model, views)
     for image, expected in zip(fast, reference):
         torch.testing.assert_close(image, expected, rtol=1e-4, atol=1e-5)

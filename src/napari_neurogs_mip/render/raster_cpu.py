@@ -29,9 +29,12 @@ Backward
     ``d out / d g = s (1 + beta (g - out))`` with ``s = exp(beta (g - m)) / S``.
 
 Exponentials are ``numba_runtime.exp``: inline polynomials that vectorise.
-Memory is O(pixels + Gaussians); nothing is stored per (pixel, Gaussian) pair.
+Memory is O(pixels + (Gaussian, tile) intersections); nothing is stored per
+(pixel, Gaussian) pair.  A culled pair's rectangle is empty, so every loop over
+it is empty too.
 
-Threads: the kernels release the GIL and run on the pool of ``cpu_threads``.
+Threads: the kernels release the GIL and run on the pool of
+``numba_runtime.run_parallel``.
 Kernels are compiled once per dtype (float32 for training, float64 for tests)
 and cached on disk (``cache=True``).
 """
@@ -344,8 +347,6 @@ def _backward(
             mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
             cb = conics[v, k, 1]
             amp = amps[v, k]
-            if rects[v, k, 0] > rects[v, k, 2]:  # culled: an empty row range
-                r1 = r0 - 1
             acc[:] = zero
             for r in range(r0, r1 + 1):
                 fixed = coords[r]
