@@ -34,8 +34,8 @@ Forward/backward ms time the rasteriser alone on a precomputed projection.
 The dense O(H W K) baseline (``benchmarks/dense.py``, when present) takes about
 a minute per S1 step on 2 cores, so it gets one round of one call each (the
 whole script then runs ~8 minutes on 2 cores; ``--backends torch,cpu`` ~3).
-For the ``cpu`` backend the child also reports its first call (forward and
-backward, both dtypes' kernels loaded from numba's on-disk cache, or compiled
+For the ``cpu`` backend the child also reports its first call (the float32
+rasteriser, forward and backward, loaded from numba's on-disk cache, or compiled
 if the cache is cold); ``--cold`` adds a run with an empty cache directory to
 measure the full JIT compile.
 
@@ -152,7 +152,7 @@ def run_child(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.torch_threads)
     from napari_neurogs_mip import numba_runtime
     from napari_neurogs_mip.frames import VolumeGeometry
-    from napari_neurogs_mip.losses import mse, ssim
+    from napari_neurogs_mip.losses import LossWeights, mip_loss
     from napari_neurogs_mip.model import GaussianModel
     from napari_neurogs_mip.render import DEFAULT_EPS, Renderer, Stages
     from napari_neurogs_mip.render.project import Projection, project_model
@@ -208,11 +208,12 @@ def run_child(args: argparse.Namespace) -> dict:
     ])  # fmt: skip
 
     model = GaussianModel(**params)  # shares the tensors that Adam updates, as in ``Trainer``
+    weights = LossWeights(lambda_mse=1.0, lambda_ssim=LAMBDA_SSIM)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         images = rasterize(stages.project(model, views, DEFAULT_EPS, False), MODE, BETA)
-        loss = sum(mse(i, t) + LAMBDA_SSIM * (1 - ssim(i, t)) for i, t in zip(images, targets)) / len(images)
+        loss, _ = mip_loss(images, targets, weights)  # as ``Trainer.step``
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP)
         optimizer.step()

@@ -27,8 +27,8 @@ tile intersections to sort, at the price of ~1.4x more pixel evaluations).
 * ``triton-graph`` uses a fixed intersection capacity (1.5 x the initial need)
   and captures rasterise + loss, forward and backward, as CUDA graphs with
   ``torch.cuda.make_graphed_callables``; the projection and Adam run eagerly
-  (``project`` copies view constants host-to-device each call, which a graph
-  cannot capture).  Overflow of the capacity is checked after timing.
+  (the projection's view constants are cached per device, so it might be
+  captured as well; not yet tried on a GPU).  Overflow of the capacity is checked after timing.
 * ``dense`` (S1 only): the O(H W K) baseline of ``dense.py``, same process;
   the script prints dense / triton time ratios.
 
@@ -154,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dense import render_dense
 
-    try:
-        from napari_neurogs_mip.losses import mse, ssim
-    except ImportError:  # the core package predates losses.py: use the local stand-ins
-        mse, ssim = _local_mse, _local_ssim
-
+    from napari_neurogs_mip.losses import mse, ssim
     from napari_neurogs_mip.render import raster_triton
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -182,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return total / len(images)
 
     def graph_loss_fn(images: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-        # losses.ssim builds its window on the host and copies it each call, which stream capture
-        # forbids; the local SSIM (same formula, window made on the device) is capturable.
+        # The local SSIM (same formula, window made on the device) was written because losses.ssim
+        # once copied its window from the host each call, which stream capture forbids.  The window
+        # is now cached per device, so losses.ssim may capture too: not yet checked on a GPU.
         total = sum(_local_mse(i, t) + LAMBDA_SSIM * (1 - _local_ssim(i, t)) for i, t in zip(images, targets))
         return total / len(images)
 

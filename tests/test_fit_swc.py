@@ -53,9 +53,7 @@ def test_swc_neuron_fit_improves_training_and_held_out_views(shared_dir, tmp_pat
     after_train = [m["psnr"] for m in trainer.metrics().values()]
     after_held = held_out_psnr()
     print(f"\nbackend {trainer.renderer.backend}")
-    for name, b, a in zip(
-        ["xy", "xz", "yz", "60:0", "150:0", *HELD_OUT], before_train + before_held, after_train + after_held
-    ):
+    for name, b, a in zip([*TRAINED, *HELD_OUT], before_train + before_held, after_train + after_held):
         print(f"{name:>10}: PSNR {b:6.2f} dB -> {a:6.2f} dB")
     assert all(a > b + 0.5 for a, b in zip(after_train, before_train))
     assert all(a > b + 0.5 for a, b in zip(after_held, before_held))

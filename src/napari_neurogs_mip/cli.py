@@ -173,8 +173,9 @@ def _fit(args: argparse.Namespace) -> int:
     inputs = FitInputs(
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
-        volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args), normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc,
-        num_gaussians=args.num_gaussians, seed=args.seed,
+        volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
+        normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
+        seed=args.seed,
     )  # fmt: skip
     prepared = prepare_fit(inputs)
     for line in prepared.notes:

@@ -55,7 +55,9 @@ def torch_threads(count: int | None) -> Iterator[None]:
     The cpu backend runs its kernels on its own thread pool; PyTorch's OpenMP
     threads, left spinning after each small op of the loss, take the cores those
     kernels need (measured: a training step 1.4x slower at S1).  Switching costs
-    microseconds, so it is done per step and other PyTorch users keep their setting.
+    microseconds, so it is done per step and the previous setting returns between
+    steps.  The setting is process-wide: torch work on other threads during the
+    block (e.g. the viewer voxelising a model) runs single-threaded too.
     """
     if count is None or count == torch.get_num_threads():
         yield

@@ -90,9 +90,9 @@ def _cpu_kernels_apply(rendered: torch.Tensor, target: torch.Tensor) -> bool:
         return False
     if rendered.dtype not in (torch.float32, torch.float64):
         return False
-    from .numba_runtime import IMPORT_ERROR
+    from .ssim_cpu import unavailable_reason
 
-    return IMPORT_ERROR is None
+    return unavailable_reason() is None
 
 
 def _ssim_torch(rendered: torch.Tensor, target: torch.Tensor, c1: float, c2: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ def _identity(function: Any) -> Any:  # pragma: no cover - only without numba
 
 
 jit: Callable[[Any], Any] = njit(cache=True, inline="always") if IMPORT_ERROR is None else _identity
-"""Compile a helper (holds the GIL; inlined into the kernels that call it, so small helpers cost no call)."""
+"""Compile a helper: inlined into the kernels that call it; called from Python it holds the GIL."""
 kernel: Callable[[Any], Any] = njit(cache=True, nogil=True) if IMPORT_ERROR is None else _identity
 """Compile a kernel for :func:`run_parallel` (releases the GIL)."""
 

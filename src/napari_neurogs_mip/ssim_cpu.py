@@ -186,7 +186,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: np.ndarray, c1: float, c2: fl
         Normalised 1D Gaussian window (float64).
     c1, c2
         The stabilising constants ``(0.01 L)^2`` and ``(0.03 L)^2`` for data range ``L``.
+
+    Callers check :func:`unavailable_reason` first (``losses.ssim`` does).
     """
-    if IMPORT_ERROR is not None:
-        raise RuntimeError(IMPORT_ERROR)
     return _Ssim.apply(x, y, window, float(c1), float(c2))

@@ -33,6 +33,7 @@ from .io.checkpoint import Checkpoint, save_checkpoint
 from .losses import SSIM_WINDOW, LossWeights, mip_loss, psnr, ssim
 from .model import GaussianModel
 from .render import MODES, Renderer
+from .render.field import check_field_views
 from .targets import Targets
 
 FINAL_NAME = "neurogs_renderer_optimized.pt"
@@ -165,9 +166,8 @@ class Trainer:
         self, model: GaussianModel, targets: Targets, config: FitConfig, checkpoint: Checkpoint | None = None
     ) -> None:
         config.validate()
-        orbit = [view.name for view in targets.views if not view.is_axis]
-        if config.mode == "field" and orbit:
-            raise ValueError(f"the field mode renders axis views only (xy, xz, yz); got orbit views {orbit}")
+        if config.mode == "field":
+            check_field_views(targets.views)
         self.config = config
         self.targets = targets
         self.device, self.device_note = resolve_device(config.device)
@@ -183,9 +183,11 @@ class Trainer:
         self.model = GaussianModel(**self._params, frame=Frame.PHYSICAL, geometry=geometry)
         self._target_tensors = targets.tensors(self.device)
         if self.weights.lambda_ssim > 0:
-            small = [v.name for v in targets.views if min(v.shape) < 11]
+            small = [v.name for v in targets.views if min(v.shape) < SSIM_WINDOW]
             if small:
-                raise ValueError(f"views {small} are smaller than the 11-pixel SSIM window; raise the resolution")
+                raise ValueError(
+                    f"views {small} are smaller than the {SSIM_WINDOW}-pixel SSIM window; raise the resolution"
+                )
         longest = geometry.longest_side
         groups = [
             {"params": [self._params["means"]], "lr": config.lr * longest, "name": "means"},

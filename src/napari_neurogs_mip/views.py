@@ -103,7 +103,7 @@ class View:
         )
         return View(
             name=self.name,
-            origin=tuple(float(c) for c in origin),
+            origin=tuple(origin),
             u=self.u,
             v=self.v,
             du=self.du * ratio_u,
@@ -132,7 +132,7 @@ class View:
     @classmethod
     def from_dict(cls, data: dict) -> View:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{**data, "origin": tuple(data["origin"]), "u": tuple(data["u"]), "v": tuple(data["v"])})
+        return cls(**data)  # ``__post_init__`` makes tuples of plain numbers
 
 
 def _unit(index: int) -> tuple[float, float, float]:

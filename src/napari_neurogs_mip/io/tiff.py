@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,9 +85,7 @@ def read_metadata(path: str | os.PathLike) -> TiffMetadata:
         No such file, or not a readable TIFF.
     """
     with _open(path) as tif:
-        series = tif.series[0]
-        axes = series.axes.upper()
-        spacing, source = _spacing(tif, axes)
+        series, axes, spacing, source = _header(tif)
         return TiffMetadata(spacing, source, axes, tuple(int(n) for n in series.shape))
 
 
@@ -115,10 +114,8 @@ def read_volume(
     """
     path = Path(path)
     with _open(path) as tif:
-        series = tif.series[0]
-        axes = series.axes.upper()
+        series, axes, spacing, source = _header(tif)
         data = series.asarray()
-        spacing, source = _spacing(tif, axes)
     data, axes_left = _select(path, np.asarray(data), axes, {"C": channel, "S": channel, "T": time})
     if data.ndim != 3:
         raise ValueError(
@@ -151,6 +148,14 @@ def _select(path: Path, data: np.ndarray, axes: str, choices: dict[str, int | No
             raise ValueError(f"{path}: index {choice} is out of range for axis {axis} of size {size}")
         index.append(choice)
     return data[tuple(index)], kept
+
+
+def _header(tif) -> tuple[Any, str, tuple[float, float, float], str]:
+    """First series, its axis letters (upper case), spacing (z, y, x) and where the spacing came from."""
+    series = tif.series[0]
+    axes = series.axes.upper()
+    spacing, source = _spacing(tif, axes)
+    return series, axes, spacing, source
 
 
 def _spacing(tif, axes: str) -> tuple[tuple[float, float, float], str]:

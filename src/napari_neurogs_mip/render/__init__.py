@@ -82,10 +82,6 @@ class Renderer:
         What the user asked for (may be ``auto``).
     fallback_reason
         Why the requested backend was not used, or ``None``.
-    torch_threads
-        PyTorch CPU threads that suit the torch ops around this backend (loss,
-        optimiser) in a training step, or ``None`` for PyTorch's default; see
-        :func:`napari_neurogs_mip.device.torch_threads`.
     """
 
     backend: str
@@ -97,7 +93,6 @@ class Renderer:
     compensate: bool = False
     fallback_reason: str | None = None
     stages: Stages | None = None
-    torch_threads: int | None = None
 
     @classmethod
     def create(
@@ -132,9 +127,16 @@ class Renderer:
             stages, _ = _load("torch")
             chosen = "torch"
             LOGGER.warning("%s; falling back to the torch reference renderer", reason)
-        # The cpu kernels bring their own threads: PyTorch's would only compete with them.
-        threads = 1 if chosen == "cpu" else None
-        return cls(chosen, backend, device, mode, beta, eps, compensate, reason, stages, threads)
+        return cls(chosen, backend, device, mode, beta, eps, compensate, reason, stages)
+
+    @property
+    def torch_threads(self) -> int | None:
+        """PyTorch CPU threads that suit the torch ops around this backend in a training step (loss,
+        optimiser), or ``None`` for PyTorch's default; see :func:`napari_neurogs_mip.device.torch_threads`.
+
+        The cpu kernels bring their own threads: PyTorch's would only compete with them.
+        """
+        return 1 if self.backend == "cpu" else None
 
     def describe(self) -> str:
         """One line naming device, backend and why, for logs and the GUI."""

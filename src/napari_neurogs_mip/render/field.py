@@ -82,10 +82,15 @@ def _scatter(
     return flat.index_add(0, linear, values)
 
 
-def field_mips(model: GaussianModel, views: list[View]) -> list[torch.Tensor]:
-    """Exact MIPs of the summed field for axis views (native grid, then area-averaged to each view)."""
+def check_field_views(views: list[View]) -> None:
+    """Raise ``ValueError`` unless every view is an axis view (the only views the field mode renders)."""
     orbit = [v.name for v in views if not v.is_axis]
     if orbit:
-        raise ValueError(f"the field mode renders axis views only (xy, xz, yz); got {orbit}")
+        raise ValueError(f"the field mode renders axis views only (xy, xz, yz); got orbit views {orbit}")
+
+
+def field_mips(model: GaussianModel, views: list[View]) -> list[torch.Tensor]:
+    """Exact MIPs of the summed field for axis views (native grid, then area-averaged to each view)."""
+    check_field_views(views)
     volume = voxelize(model)
     return [area_resample(axis_mip(volume, view.name), view.shape) for view in views]

@@ -37,7 +37,7 @@ import torch
 from ..model import GaussianModel
 from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, numpy_view, run_parallel
 from ..views import View
-from .project import CUTOFF_SIGMA, Projection
+from .project import CUTOFF_SIGMA, Projection, view_constants
 
 __all__ = ["project_model", "unavailable_reason"]
 
@@ -58,14 +58,10 @@ def unavailable_reason() -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _view_table(views: tuple[View, ...]) -> np.ndarray:
-    """[V, 11] float64 rows ``(a, b, origin, width, height)`` with ``a = u / du``, ``b = v / dv``."""
-    return np.array(
-        [
-            [*(c / view.du for c in view.u), *(c / view.dv for c in view.v), *view.origin, view.width, view.height]
-            for view in views
-        ],
-        dtype=np.float64,
-    )
+    """[V, 11] float64 rows ``(a, b, origin, width, height)`` with ``a = u / du``, ``b = v / dv``
+    (the reference's :func:`~.project.view_constants`, as one array for the kernels)."""
+    axes, origins, widths, heights = view_constants(views, torch.float64, torch.device("cpu"))
+    return torch.cat([axes.transpose(1, 2).reshape(len(views), 6), origins, widths, heights], dim=1).numpy()
 
 
 # --------------------------------------------------------------------------- kernels
