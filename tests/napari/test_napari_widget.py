@@ -74,7 +74,7 @@ def test_short_fit_runs_to_completion(sample_viewer, qtbot, tmp_path) -> None:
 
     assert len(finished) == 1 and finished[0].iteration == 30 and not finished[0].stopped
     assert widget.start_button.isEnabled()
-    assert "cpu" in widget.backend_label.text()
+    assert "renderer backend cpu" in widget.backend_label.text()
     assert "PSNR" in widget.summary_label.text() and "xz" in widget.summary_label.text()
     assert len(widget.loss_plot.losses) == 30
     # Rendered layers were updated and their error against the targets dropped.
@@ -195,7 +195,6 @@ def test_closing_the_viewer_stops_a_paused_fit(make_napari_viewer, qtbot) -> Non
     wait_for(qtbot, lambda: trainer._stop.is_set(), timeout=10)
     # The worker thread ends (a paused trainer would otherwise block the thread pool forever).
     assert worker_pool().waitForDone(20_000)
-    assert trainer.iteration < 100_000
 
 
 def _measure_stalls(qtbot, widget, iterations: int) -> tuple[list[float], list[float]]:

@@ -79,3 +79,17 @@ def test_mip_layers_fit(make_napari_viewer, qtbot, volume) -> None:
     # Our live layers are never offered as targets themselves.
     names = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
     assert "rendered xy" not in names and "residual xy" not in names and "target xy" in names
+
+
+def test_leading_index_zero_reads_zero_after_a_tiff_source(make_napari_viewer, tmp_path, volume) -> None:
+    """A TIFF source labels its channel/time boxes "auto" at -1; a layer's index 0 must not inherit that."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([volume, volume[::-1]]), name="timelapse", scale=(1.0, *SAMPLE_SPACING))
+    widget = dock_fit_widget(viewer)
+    widget.source_combo.setCurrentText("TIFF file")
+    widget.tiff_file.edit.setText(str(write_volume(tmp_path / "stack.tif", volume, (2.5, 0.4, 0.3))))
+    widget.tiff_file.edit.editingFinished.emit()
+    assert widget.index_spins[0].text() == "auto"
+    widget.source_combo.setCurrentText("Image layer")
+    widget.index_spins[0].setValue(0)
+    assert widget.index_spins[0].text() == "0"

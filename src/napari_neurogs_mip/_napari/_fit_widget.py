@@ -53,6 +53,7 @@ from ._fit_worker import Failed, FitControl, FitUpdate, ModelSnapshot, Ready, fi
 from ._layers import (
     ROLE_KEY,
     ROLES,
+    full_resolution,
     leading_volume,
     mip_layer,
     mip_pixel_sizes,
@@ -243,8 +244,6 @@ class FitWidget(QWidget):
         self._state = IDLE
         self._trainer: Trainer | None = None
         self._worker: Any = None
-        self._save_worker: Any = None
-        self._warm_worker: Any = None
         self._control: FitControl | None = None
         self._views: list[View] = []
         self._targets: list[np.ndarray] = []
@@ -253,7 +252,6 @@ class FitWidget(QWidget):
         self._images_dirty = False
         self._live: dict[str, Any] = {}
         self._last_step: StepEvent | None = None
-        self._total = 0
         self._progress: Any = None
         self._progress_n = 0
         self._last_refresh = 0.0
@@ -276,8 +274,7 @@ class FitWidget(QWidget):
         """Load the renderer's kernels in the background now, so that Start does not freeze the viewer."""
         from napari.qt.threading import create_worker
 
-        self._warm_worker = create_worker(_call_safely, warm_up_renderer)
-        start_worker(self._warm_worker)
+        start_worker(create_worker(_call_safely, warm_up_renderer))
 
     # ================================================================== layout
     def _build(self) -> None:
@@ -347,7 +344,7 @@ class FitWidget(QWidget):
         form.addWidget(self.target_info)
         self.source_combo.currentTextChanged.connect(self._on_target_changed)
         self.layer_combo.currentTextChanged.connect(self._on_target_changed)
-        self.tiff_file.edit.editingFinished.connect(self._on_tiff_changed)
+        self.tiff_file.edit.editingFinished.connect(self._on_target_changed)
         self.tiff_file.edit.textChanged.connect(lambda _: self._update_visibility())
         self.tiff_kind.currentTextChanged.connect(lambda _: self._update_visibility())
         return group
@@ -569,9 +566,6 @@ class FitWidget(QWidget):
         self._prefilled_for = key
         self._update_visibility()
 
-    def _on_tiff_changed(self) -> None:
-        self._on_target_changed()
-
     def _set_voxel_size(self, spacing_zyx: tuple[float, float, float]) -> None:
         for spin, value in zip(self.voxel_spins, spacing_zyx):
             spin.setValue(float(value))
@@ -600,6 +594,7 @@ class FitWidget(QWidget):
         point = list(self.viewer.dims.point)
         for i, spin in enumerate(self.index_spins[: max(0, ndim - 3)]):
             size = int(_data_shape(layer.data)[i])
+            spin.setSpecialValueText("")  # a TIFF source may have set "auto", which would now label index 0
             spin.setRange(0, max(size - 1, 0))
             world = point[len(point) - ndim + i] if len(point) >= ndim else 0.0
             index = round(float((world - layer.translate[i]) / layer.scale[i]))
@@ -683,7 +678,9 @@ class FitWidget(QWidget):
         if self.source_combo.currentText() == SOURCE_LAYER:
             layer = self._target_layer()
             if _data_ndim(layer.data) == 2:
-                inputs.mips = {view: np.asarray(_level0(lay.data)) for view, lay in self._mips_checked().items()}
+                inputs.mips = {
+                    view: np.asarray(full_resolution(lay.data)) for view, lay in self._mips_checked().items()
+                }
             else:
                 extra = _data_ndim(layer.data) - 3
                 indices = [spin.value() for spin in self.index_spins[:extra]]
@@ -823,7 +820,6 @@ class FitWidget(QWidget):
         self._trainer = None
         self._images = None
         self._last_step = None
-        self._total = config.iterations
         self.summary_label.setText("")
         self.backend_label.setText("backend: preparing…")
         self.status_label.setText("preparing the targets and the initial model…")
@@ -923,13 +919,14 @@ class FitWidget(QWidget):
         from napari.utils import progress
 
         self._trainer = ready.trainer
-        self._views = ready.views
-        self._targets = ready.targets
+        self._views = list(ready.trainer.targets.views)
+        self._targets = ready.trainer.targets.images
         self.backend_label.setText(ready.description)
         self.backend_label.setToolTip("\n".join(ready.notes))
-        self.loss_plot.reset(self._total, ready.history)
+        total = ready.trainer.config.iterations
+        self.loss_plot.reset(total, ready.history)
         start = len(ready.history)
-        self._progress = progress(total=self._total, desc="Fit MIP")
+        self._progress = progress(total=total, desc="Fit MIP")
         self._progress.update(start)
         self._progress_n = start
         self._shutdown.progress = self._progress
@@ -1124,7 +1121,6 @@ class FitWidget(QWidget):
             path = chosen
         worker = create_worker(_call_safely, trainer.save, Path(path))
         worker.returned.connect(self._on_saved)
-        self._save_worker = worker
         start_worker(worker)
 
     def _on_saved(self, outcome: tuple[bool, Any]) -> None:
@@ -1163,12 +1159,8 @@ class FitWidget(QWidget):
 
 
 # ====================================================================== helpers
-def _level0(data: Any) -> Any:
-    return data[0] if isinstance(data, (list, tuple)) else data
-
-
 def _data_shape(data: Any) -> tuple[int, ...]:
-    return tuple(int(n) for n in _level0(data).shape)
+    return tuple(int(n) for n in full_resolution(data).shape)
 
 
 def _data_ndim(data: Any) -> int:

@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..device import available_devices
-from ..frames import VolumeGeometry
-from ..init import init_from_volume
+from ..device import resolve_device
 from ..setup import FitInputs, prepare_fit
-from ..targets import targets_from_volume
 from ..train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
-from ..views import View
 from ._layers import LayerDataTuple, model_to_points
 from ._threads import stop_at_exit
 from ._triton_guard import guard_triton_import
@@ -49,9 +44,8 @@ class Ready:
     Attributes
     ----------
     trainer
-        The trainer (its control and save methods are safe from any thread).
-    views, targets
-        The target views and their normalised images.
+        The trainer (its control and save methods are safe from any thread);
+        ``trainer.targets`` holds the target views and their normalised images.
     notes
         What was loaded, for the user.
     description
@@ -61,8 +55,6 @@ class Ready:
     """
 
     trainer: Trainer
-    views: list[View]
-    targets: list[np.ndarray]
     notes: list[str]
     description: str
     history: list[float] = field(default_factory=list)
@@ -81,7 +73,6 @@ class Failed:
 
     error: BaseException
     stage: str
-    details: str
 
     @property
     def message(self) -> str:
@@ -173,10 +164,7 @@ def fit_events(inputs: FitInputs, config: FitConfig, control: FitControl, snapsh
     stage = "preparing the targets and the initial model"
     try:
         blocked = guard_triton_import()
-        if inputs.volume is not None:
-            # Lazy (dask/zarr) layer data is read here, off the main thread.
-            inputs.volume = np.asarray(inputs.volume)
-        prepared = prepare_fit(inputs)
+        prepared = prepare_fit(inputs)  # reads lazy (dask/zarr) layer data here, off the main thread
         stage = "setting up the trainer"
         with _warm_lock:
             pass  # a warm-up still loading the kernels finishes first (no point in racing it)
@@ -185,8 +173,6 @@ def fit_events(inputs: FitInputs, config: FitConfig, control: FitControl, snapsh
         control.attach(trainer)
         yield Ready(
             trainer,
-            list(prepared.targets.views),
-            [np.asarray(image) for image in prepared.targets.images],
             [*prepared.notes, prepared.targets.describe(), *([blocked] if blocked else [])],
             trainer.describe(),
             list(trainer.loss_history),
@@ -207,7 +193,7 @@ def fit_events(inputs: FitInputs, config: FitConfig, control: FitControl, snapsh
             yield ModelSnapshot(model_to_points(model, name=name, extra={"iteration": finished.iteration}))
     except Exception as error:  # everything, RuntimeError included: see the module docstring
         LOGGER.exception("Fit MIP failed while %s", stage)
-        yield Failed(error, stage, traceback.format_exc())
+        yield Failed(error, stage)
 
 
 _warm_lock = threading.Lock()
@@ -220,7 +206,8 @@ def warm_up_renderer() -> bool:
     The first render of a process loads (or compiles) numba kernels while holding
     the GIL, which would freeze the viewer for a moment when a fit starts; the
     widget calls this in a background thread when it opens instead.  Does
-    nothing on machines with CUDA (their default backend is not numba's).
+    nothing where ``auto`` picks another device than the CPU (its default backend
+    is not numba's there).
 
     Returns
     -------
@@ -229,15 +216,13 @@ def warm_up_renderer() -> bool:
     """
     global _warmed
     with _warm_lock:
-        if _warmed or "cuda" in available_devices():
+        if _warmed or resolve_device("auto")[0].type != "cpu":
             return False
         guard_triton_import()
         volume = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
-        geometry = VolumeGeometry(volume.shape)
-        targets = targets_from_volume(volume, geometry, ["xy"])
-        model = init_from_volume(volume, geometry, 4, targets.low, targets.high)
+        prepared = prepare_fit(FitInputs(volume=volume, view_specs=["xy"], num_gaussians=4))
         config = FitConfig(iterations=1, device="cpu", preview_every=1)
-        for _ in Trainer(model, targets, config).run():
+        for _ in Trainer(prepared.model, prepared.targets, config).run():
             pass
         _warmed = True
         return True

@@ -29,7 +29,7 @@ import torch
 
 from ..frames import Frame, VolumeGeometry
 from ..model import GaussianModel
-from ..views import View
+from ..views import AXIS_VIEWS, View
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
@@ -311,15 +311,20 @@ def mip_pixel_sizes(scale: Sequence[float] | None) -> tuple[float, float]:
 def spacing_from_mips(pixel_sizes: Mapping[str, tuple[float, float]]) -> tuple[float, float, float]:
     """Voxel spacing (z, y, x) implied by the pixel sizes of axis MIPs (1.0 for axes none shows).
 
-    ``xy`` rows/columns are y/x, ``xz`` z/x, ``yz`` z/y (see :mod:`napari_neurogs_mip.views`).
+    An axis view's name is its (columns, rows) axes: ``xy`` rows/columns are y/x,
+    ``xz`` z/x, ``yz`` z/y (see :mod:`napari_neurogs_mip.views`).
     """
-    axes = {"xy": ("y", "x"), "xz": ("z", "x"), "yz": ("z", "y")}
     found: dict[str, float] = {}
     for name, (rows, cols) in pixel_sizes.items():
-        if name in axes:
-            found.setdefault(axes[name][0], rows)
-            found.setdefault(axes[name][1], cols)
+        if name in AXIS_VIEWS:
+            found.setdefault(name[1], rows)
+            found.setdefault(name[0], cols)
     return (found.get("z", 1.0), found.get("y", 1.0), found.get("x", 1.0))
+
+
+def full_resolution(data: Any) -> Any:
+    """The full-resolution level of an image layer's data (multiscale data is a list of levels)."""
+    return data[0] if isinstance(data, (list, tuple)) else data
 
 
 def leading_volume(data: Any, indices: Sequence[int]) -> Any:
@@ -328,8 +333,7 @@ def leading_volume(data: Any, indices: Sequence[int]) -> Any:
     Multiscale data (a list of levels) uses the full-resolution level.  Slicing
     stays lazy for dask/zarr arrays; conversion to numpy happens in the worker.
     """
-    if isinstance(data, (list, tuple)):
-        data = data[0]
+    data = full_resolution(data)
     extra = len(data.shape) - 3
     if extra < 0:
         raise ValueError(f"a target volume needs 3 spatial axes; the layer has shape {tuple(data.shape)}")

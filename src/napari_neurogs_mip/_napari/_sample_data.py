@@ -1,7 +1,7 @@
 """Sample data contributions: the procedural neuron volume and a matching initial model.
 
 Both are made by the core (:func:`napari_neurogs_mip.sample.sample_volume`,
-:func:`napari_neurogs_mip.init.init_from_volume`), with fixed seeds, so they
+:func:`napari_neurogs_mip.setup.prepare_fit`), with fixed seeds, so they
 are the same on every machine and line up in world (physical) coordinates.
 """
 
@@ -11,10 +11,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..frames import Frame, VolumeGeometry
-from ..init import init_from_volume
+from ..frames import VolumeGeometry
 from ..sample import sample_volume
-from ..targets import Normalization
+from ..setup import FitInputs, prepare_fit
 from ._layers import LayerDataTuple, model_to_points, volume_image
 
 SAMPLE_GAUSSIANS = 2000
@@ -47,6 +46,6 @@ def sample_initial_model(num_gaussians: int = SAMPLE_GAUSSIANS) -> list[LayerDat
     NeuRoGS frame, like the command line's initial models.
     """
     volume, geometry = _sample()
-    low, high = Normalization().fit([volume.max(axis=axis) for axis in range(3)])
-    model = init_from_volume(volume, geometry, num_gaussians, low, high).to_frame(Frame.NEUROGS, geometry)
+    inputs = FitInputs(volume=volume.copy(), voxel_size=geometry.spacing_zyx, num_gaussians=num_gaussians)
+    model = prepare_fit(inputs).model  # what a fit of the sample starts from, in the NeuRoGS frame
     return [model_to_points(model, name="sample initial model", extra={"family": "initial", "iteration": 0})]
