@@ -1,7 +1,8 @@
 """Open napari with the sample neuron loaded and the Fit MIP widget docked.
 
-Run: ``python examples/napari_sample.py`` and press *Start* (defaults: 2,000
-Gaussians, 1,000 iterations; a few hundred iterations already look good).
+Run: ``python examples/napari_sample.py`` and press *Start*: 2,000 Gaussians
+(the default) for 300 iterations (set here; the widget's default is 1,000, but a
+few hundred already look good).
 """
 
 from __future__ import annotations

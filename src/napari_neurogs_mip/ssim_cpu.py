@@ -70,7 +70,8 @@ def _ssim_rows(
     partials: np.ndarray,
 ) -> None:  # pragma: no cover - compiled by numba
     """Output rows ``r = worker, ...``: the moments (column filter of ``rows``), ``row_sums[r]`` = the sum of
-    the SSIM map over the row and, when ``partials`` has rows, ``dS/d(mu_x, mu_y, E[x^2], E[y^2], E[xy])``."""
+    the SSIM map over the row and, when ``partials`` has rows, ``dS/d(mu_x, mu_y, E[x^2], E[xy])``
+    (``dS/dE[y^2]`` equals ``dS/dE[x^2]``)."""
     taps, out_w = window.shape[0], rows.shape[2]
     with_grad = partials.shape[1] > 0
     moments = np.empty((5, out_w))
@@ -96,8 +97,7 @@ def _ssim_rows(
                 partials[0, r, c] = 2.0 * my * (a2 - a1) * inv - 2.0 * mx * spread
                 partials[1, r, c] = 2.0 * mx * (a2 - a1) * inv - 2.0 * my * spread
                 partials[2, r, c] = -s / b2
-                partials[3, r, c] = -s / b2
-                partials[4, r, c] = 2.0 * a1 * inv
+                partials[3, r, c] = 2.0 * a1 * inv
         row_sums[r] = total
 
 
@@ -118,25 +118,26 @@ def _gradient_rows(
     taps = window.shape[0]
     height, width = x.shape
     out_h, out_w = partials.shape[1], partials.shape[2]
-    cols = np.empty((5, out_w))  # transposed column filter, this row
-    full = np.empty((5, width))  # then transposed row filter
+    channels = partials.shape[0]
+    cols = np.empty((channels, out_w))  # transposed column filter, this row
+    full = np.empty((channels, width))  # then transposed row filter
     for r in range(worker, height, num_workers):
         cols[:] = 0.0
         for t in range(max(0, r - out_h + 1), min(taps, r + 1)):
             w = window[t] * scale
-            for k in range(5):
+            for k in range(channels):
                 for c in range(out_w):
                     cols[k, c] += w * partials[k, r - t, c]
         full[:] = 0.0
-        for k in range(5):
+        for k in range(channels):
             for t in range(taps):
                 w = window[t]
                 for c in range(out_w):
                     full[k, c + t] += w * cols[k, c]
         for c in range(width):
             a, b = float(x[r, c]), float(y[r, c])
-            grad_x[r, c] = full[0, c] + 2.0 * a * full[2, c] + b * full[4, c]
-            grad_y[r, c] = full[1, c] + 2.0 * b * full[3, c] + a * full[4, c]
+            grad_x[r, c] = full[0, c] + 2.0 * a * full[2, c] + b * full[3, c]
+            grad_y[r, c] = full[1, c] + 2.0 * b * full[2, c] + a * full[3, c]
 
 
 def _min_rows(width: int) -> int:
@@ -153,12 +154,13 @@ class _Ssim(torch.autograd.Function):
         rows = np.empty((5, height, out_w))
         run_parallel(_blur_rows, (x_np, y_np, window), (rows,), height, _min_rows(width))
         row_sums = np.empty(out_h)
-        partials = np.empty((5, out_h, out_w) if any(ctx.needs_input_grad[:2]) else (5, 0, 0))
+        partials = np.empty((4, out_h, out_w) if any(ctx.needs_input_grad[:2]) else (4, 0, 0))
         run_parallel(_ssim_rows, (rows, window, c1, c2), (row_sums, partials), out_h, _min_rows(width))
         ctx.arrays = (x_np, y_np, window, partials)
         return torch.tensor(row_sums.sum() / (out_h * out_w), dtype=x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_np, y_np, window, partials = ctx.arrays
         scale = float(grad) / (partials.shape[1] * partials.shape[2])

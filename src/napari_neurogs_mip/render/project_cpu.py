@@ -341,6 +341,7 @@ class _Project(torch.autograd.Function):
         return means2d, conics, amps, rects
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(
         ctx: Any,
         grad_means2d: torch.Tensor | None,

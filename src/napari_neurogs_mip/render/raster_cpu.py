@@ -469,6 +469,7 @@ class _Rasterize(torch.autograd.Function):
         return image
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_image: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         means2d, conics, amplitudes = ctx.saved_tensors
         rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k = ctx.arrays
