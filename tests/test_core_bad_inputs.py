@@ -204,7 +204,9 @@ def test_unwritable_out(tmp_path, capsys, volume_tif):
     out = blocker / "run"
     _assert_bad_input(capsys, _fit(volume_tif, out), str(out), "a_file", "not a writable folder")
     assert blocker.read_text() == "a regular file where a folder should be"
-    model = init_from_volume(np.ones((4, 8, 8)) * np.arange(8), VolumeGeometry((4, 8, 8)), 5, 0.0, 8.0)
+    volume = np.zeros((4, 8, 8))
+    volume[2, 2:6, 1:7] = 8.0
+    model = init_from_volume(volume, VolumeGeometry((4, 8, 8)), 5, 0.0, 8.0)
     checkpoint = save_checkpoint(tmp_path / "ok.pt", model)
     _assert_bad_input(capsys, ["render", str(checkpoint), "--out", str(blocker / "mips.tif"), "--backend", "torch",
                                "--device", "cpu"], "a_file")  # fmt: skip

@@ -102,7 +102,7 @@ def test_real_checkpoint_renders_fits_saves_and_reloads(shared_dir, tmp_path, na
     for n, tensor in reloaded.fit_model.tensors().items():
         assert torch.equal(tensor, trainer.model.tensors()[n].detach()), n
     assert len(reloaded.metadata["loss_history"]) == 3
-    assert [v["name"] for v in reloaded.metadata["views"]] == ["xy", "xz", "yz"]
+    assert [v["name"] for v in reloaded.metadata["views"]] == ["xy", "xz", "yz", "az45_el35", "az135_el-35"]
     # Readable by the research tools: plain torch.load, the 4 NeuRoGS names under model_state_dict.
     plain = torch.load(finished.path, weights_only=True)
     assert set(plain["model_state_dict"]) == {"means", "log_scales", "quaternions", "log_amplitudes"}
@@ -149,7 +149,7 @@ def test_resumed_fit_continues_exactly(tmp_path):
     geometry = VolumeGeometry((12, 32, 32), (2.0, 1.0, 1.0))
     volume = _small_volume(geometry)
     targets = targets_from_volume(volume, geometry, ["xy", "xz", "yz"])
-    model = init_from_volume(volume, geometry, 150, targets.low, targets.high, seed=0).to_frame("neurogs", geometry)
+    model = init_from_volume(volume, geometry, 150, targets.low, targets.high).to_frame("neurogs", geometry)
     config = FitConfig(iterations=10, lr=1e-2, device="cpu", backend="torch", out=str(tmp_path), schedule="cosine")
     uninterrupted = Trainer(model, targets, config)
     for _ in range(4):

@@ -22,7 +22,10 @@ from napari_neurogs_mip.setup import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FINAL_NAME
 from napari_neurogs_mip.views import make_views
 
-PSNR_ROW = re.compile(r"^(xy|xz|yz)\s+(-?[\d.]+|inf)\s+(-?[\d.]+)$", re.MULTILINE)
+# view, set, PSNR, foreground PSNR, recall, SSIM (the table of ``metrics.format_table``)
+PSNR_ROW = re.compile(
+    r"^(xy|xz|yz)\s+trained\s+(-?[\d.]+|inf)\s+(-?[\d.]+|inf|nan)\s+([\d.]+|nan)\s+(-?[\d.]+|nan)\s", re.MULTILINE
+)
 
 
 def _small_model(geometry: VolumeGeometry) -> GaussianModel:
@@ -41,20 +44,24 @@ def _small_model(geometry: VolumeGeometry) -> GaussianModel:
 def test_fit_sample(tmp_path, capsys):
     out = tmp_path / "run"
     status = main(
-        ["fit", "--sample", "--iterations", "20", "--out", str(out), "--backend", "torch", "--downsample", "2"]
-    )
+        ["fit", "--sample", "--iterations", "20", "--out", str(out), "--backend", "torch", "--downsample", "2",
+         "--views", "xy,xz,yz"]
+    )  # fmt: skip
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert sorted(p.name for p in out.iterdir()) == [FINAL_NAME]
     assert re.search(r"device cpu, renderer backend torch \(requested torch\)", captured.out)
     rows = PSNR_ROW.findall(captured.out)
     assert [r[0] for r in rows] == ["xy", "xz", "yz"], captured.out
-    assert "PSNR (dB)" in captured.out and "SSIM" in captured.out
-    for _, value, similarity in rows:
-        assert 15.0 < float(value) < 80.0 and 0.0 < float(similarity) <= 1.0
+    assert all(header in captured.out for header in ("PSNR", "fg PSNR", "recall", "SSIM"))
+    for _, value, _, recall, similarity in rows:
+        assert 15.0 < float(value) < 80.0 and 0.0 < float(similarity) <= 1.0 and 0.0 <= float(recall) <= 1.0
     checkpoint = load_checkpoint(out / FINAL_NAME)
     assert checkpoint.family == "napari-neurogs-mip" and checkpoint.iteration == 20
-    assert checkpoint.model.frame is Frame.NEUROGS and checkpoint.model.num_gaussians == 2000
+    assert checkpoint.model.frame is Frame.NEUROGS
+    # The foreground sets the count (no --num_gaussians); the CLI says how many it placed.
+    placed = re.search(r"model: (\d+) Gaussians spread over the foreground", captured.out)
+    assert placed and checkpoint.model.num_gaussians == int(placed.group(1)) > 500
     assert checkpoint.model.geometry == VolumeGeometry((40, 128, 128), (1.5, 0.5, 0.5))
     assert [(v["name"], v["height"], v["width"]) for v in checkpoint.metadata["views"]] == [
         ("xy", 64, 64), ("xz", 20, 64), ("yz", 20, 64)
@@ -62,10 +69,10 @@ def test_fit_sample(tmp_path, capsys):
     history = checkpoint.metadata["loss_history"]
     assert len(history) == 20 and history[-1] < history[0]
     # The printed PSNRs are those of the saved model against the sample's targets.
-    targets = prepare_fit(FitInputs(sample=True, resolution=2.0)).targets
+    targets = prepare_fit(FitInputs(sample=True, resolution=2.0, view_specs=["xy", "xz", "yz"])).targets
     with torch.no_grad():
         images = render_mip(checkpoint.model.to_frame(Frame.PHYSICAL), targets.views, backend="torch")
-    for (name, value, _), image, target in zip(rows, images, targets.tensors("cpu")):
+    for (name, value, *_), image, target in zip(rows, images, targets.tensors("cpu")):
         assert psnr(image, target) == pytest.approx(float(value), abs=0.02), name
 
 
@@ -151,7 +158,10 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path, capsys):
     assert settings["lr"] == 0.005 and settings["lambda_ssim"] == 0.2 and settings["save_every"] == 2  # from YAML
     assert settings["backend"] == "torch" and settings["device"] == "cpu"
     assert checkpoint.model.num_gaussians == 60 and checkpoint.iteration == 3
-    assert [(v["height"], v["width"]) for v in checkpoint.metadata["views"]] == [(43, 43), (13, 43), (13, 43)]
+    # The default views of a volume: the three axis views and two oblique ones.
+    assert [(v["height"], v["width"]) for v in checkpoint.metadata["views"]] == [
+        (43, 43), (13, 43), (13, 43), (66, 60), (66, 60)
+    ]  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint_iter2.pt", FINAL_NAME]
 
     bad = tmp_path / "bad.yaml"
@@ -222,7 +232,7 @@ def test_fit_without_ssim_on_views_smaller_than_its_window(tmp_path, capsys):
                    "--num_gaussians", "40", "--backend", "torch", "--device", "cpu", "--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
     assert status == 0, captured.err
-    rows = re.findall(r"^(xy|xz|yz)\s+([\d.]+)\s+nan$", captured.out, re.MULTILINE)
+    rows = re.findall(r"^(xy|xz|yz)\s+trained\s+([\d.]+)\s+\S+\s+\S+\s+nan\s", captured.out, re.MULTILINE)
     assert [r[0] for r in rows] == ["xy", "xz", "yz"], captured.out
     assert load_checkpoint(out / FINAL_NAME).iteration == 2
 

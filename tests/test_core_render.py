@@ -341,8 +341,17 @@ def test_orbit_render_agrees_with_orbit_target_of_voxelised_gaussian():
     targets = targets_from_volume(volume, geometry, ["35:25"], normalization=Normalization("fixed", low=0.0, high=1.0))
     (rendered,) = render(gaussians.model(), [view], "max", eps=0.0)
     target = targets.images[0]
-    assert np.unravel_index(target.argmax(), target.shape) == np.unravel_index(rendered.argmax(), rendered.shape)
-    assert float(np.abs(target - rendered).max()) < 0.02  # trilinear ray sampling vs the exact marginal
+    # A target pixel is the brightest voxel whose centre projects within half a pixel of the pixel centre, so near
+    # the peak neighbouring pixels can share a value and the arg-max may move by one pixel.
+    peak_target = np.unravel_index(target.argmax(), target.shape)
+    peak_rendered = np.unravel_index(rendered.argmax(), rendered.shape)
+    assert max(abs(int(a) - int(b)) for a, b in zip(peak_target, peak_rendered)) <= 1
+    # The render is the exact marginal on the pixel's ray; the target holds voxels whose centres lie up to 0.71 px
+    # (half a pixel diagonally) off that ray, over which a Gaussian of sigma >= 4 px changes by at most
+    # 0.71 / (4 sqrt(e)) = 0.11.
+    difference = np.abs(target - rendered)
+    assert float(difference.max()) < 0.11
+    assert float(difference.mean()) < 0.01
 
 
 # --------------------------------------------------- (e) frame conversions

@@ -35,7 +35,7 @@ def test_swc_neuron_fit_improves_training_and_held_out_views(shared_dir, tmp_pat
     geometry = VolumeGeometry(SHAPE)
     targets = targets_from_volume(volume, geometry, TRAINED)
     held_out = targets_from_volume(volume, geometry, HELD_OUT)
-    model = init_from_volume(volume, geometry, 12000, targets.low, targets.high, seed=0)
+    model = init_from_volume(volume, geometry, 12000, targets.low, targets.high)
     config = FitConfig(iterations=60, lr=1e-3, mode="max", device="cpu", out=str(tmp_path), preview_every=1000)
     trainer = Trainer(model, targets, config)
     renderer = Renderer.create("cpu", "auto", mode="max")

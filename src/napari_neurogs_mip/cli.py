@@ -28,6 +28,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value != value or value == float("inf"):
@@ -37,7 +44,11 @@ def _positive_float(text: str) -> float:
 
 def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", help="comma list of views: xy, xz, yz, or AZ:EL in degrees (e.g. xy,xz,yz,30:15)")
-    parser.add_argument("--num_views", type=_positive_int, default=3, help="1-3: xy, xz, yz; more adds orbit views")
+    parser.add_argument(
+        "--num_views", type=_positive_int,
+        help="1-3: xy, xz, yz; more adds orbit views (default: fit xy,xz,yz,45:35,135:-35 of a volume; "
+        "render, eval: xy,xz,yz)",
+    )  # fmt: skip
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--resolution", type=_positive_int, nargs=2, metavar=("H", "W"), help="resample every view to H x W"
@@ -71,10 +82,34 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     model = fit.add_argument_group("initial model")
     model.add_argument("--checkpoint", help="NeuRoGS-family .pt file to start from (or resume, if ours)")
     model.add_argument("--swc", help="SWC skeleton to place Gaussians along")
-    model.add_argument("--num_gaussians", type=_positive_int, default=2000, help="Gaussians when starting from scratch")
+    model.add_argument(
+        "--num_gaussians", type=_positive_int,
+        help="initial Gaussians from scratch (default: one per foreground cell, see docs/quality.md)",
+    )  # fmt: skip
+    model.add_argument(
+        "--init", default="foreground", choices=["foreground", "intensity"],
+        help="start from scratch: spread over the foreground, or drawn by brightness (the seed design)",
+    )  # fmt: skip
     _add_geometry_flags(fit)
+    fit.add_argument("--eval-views", help="comma list of held-out views (e.g. 30:20,120:-15): scored, never trained on")
     fit.add_argument("--iterations", type=int, default=1000)
-    fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (means: fraction of the longest side)")
+    fit.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means (fraction of the longest side)")
+    fit.add_argument("--lr-scales", type=_positive_float, default=1e-2, help="learning rate of the log-scales")
+    fit.add_argument("--lr-rotations", type=_positive_float, default=1e-2, help="learning rate of the quaternions")
+    fit.add_argument("--lr-amplitudes", type=_positive_float, default=1e-2, help="learning rate of the log-amplitudes")
+    density = fit.add_argument_group("density control (spawn, clone, split, prune)")
+    density.add_argument(
+        "--densify", default=True, action=argparse.BooleanOptionalAction,
+        help="add Gaussians where the render misses the target and remove idle ones (default: on)",
+    )  # fmt: skip
+    density.add_argument("--densify-every", type=_positive_int, default=100, help="steps between density checks")
+    density.add_argument(
+        "--densify-until", type=_non_negative_int, help="last step of density control (default: 3/4 of --iterations)"
+    )
+    density.add_argument(
+        "--max-gaussians", type=_positive_int,
+        help="budget of Gaussians (default: 60000 on the CPU, 1000000 on CUDA)",
+    )  # fmt: skip
     fit.add_argument("--lambda_mse", type=float, default=1.0)
     fit.add_argument("--lambda_ssim", type=float, default=0.1)
     fit.add_argument("--lambda_l1", type=float, default=0.0)
@@ -95,17 +130,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     render.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF target")
     render.add_argument("--time", type=int, help="time point of a time-lapse TIFF target")
     render.add_argument("--shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), help="volume shape")
-    render.add_argument("--mode", default="field", choices=MODES)
-    render.add_argument("--beta", type=float, default=50.0)
+    render.add_argument("--mode", choices=MODES, help="render mode (default: the one the checkpoint was fitted with)")
+    render.add_argument("--beta", type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)")
     render.add_argument("--device", default="auto", choices=DEVICES)
     render.add_argument("--backend", default="auto", choices=BACKENDS)
     _add_geometry_flags(render)
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint against the MIPs of a volume")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--target", required=True, help="TIFF volume (Z, Y, X) the checkpoint was fitted to")
+    evaluate.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF target")
+    evaluate.add_argument("--time", type=int, help="time point of a time-lapse TIFF target")
+    evaluate.add_argument(
+        "--eval-views", help="comma list of views to mark held-out (default: the checkpoint's own held-out views)"
+    )
+    evaluate.add_argument("--mode", choices=MODES, help="render mode (default: the checkpoint's)")
+    evaluate.add_argument("--beta", type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)")
+    evaluate.add_argument("--device", default="auto", choices=DEVICES)
+    evaluate.add_argument("--backend", default="auto", choices=BACKENDS)
+    _add_geometry_flags(evaluate)
 
     info = commands.add_parser("info", help="describe a checkpoint or TIFF file")
     info.add_argument("path")
     info.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF")
     info.add_argument("--time", type=int, help="time point of a time-lapse TIFF")
-    return parser, {"fit": fit, "render": render, "info": info}
+    return parser, {"fit": fit, "render": render, "eval": evaluate, "info": info}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -137,10 +186,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _view_specs(args: argparse.Namespace) -> list[str]:
+def _view_specs(args: argparse.Namespace) -> list[str] | None:
+    """The views asked for, or ``None`` for the default of the command (``--num_views`` unset)."""
     from .views import default_view_specs, parse_view_specs
 
-    return parse_view_specs(args.views) if args.views else default_view_specs(args.num_views)
+    if args.views:
+        return parse_view_specs(args.views)
+    return default_view_specs(args.num_views) if args.num_views is not None else None
 
 
 def _resolution(args: argparse.Namespace) -> Any:
@@ -160,45 +212,61 @@ def _check_writable_folder(path: Path) -> None:
 def _fit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .metrics import format_table
     from .setup import FitInputs, prepare_fit
     from .train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
 
     out = Path(args.out)
     _check_writable_folder(out)
     config = FitConfig(
-        iterations=args.iterations, lr=args.lr, lambda_mse=args.lambda_mse, lambda_ssim=args.lambda_ssim,
+        iterations=args.iterations, lr=args.lr, lr_scales=args.lr_scales, lr_rotations=args.lr_rotations,
+        lr_amplitudes=args.lr_amplitudes, lambda_mse=args.lambda_mse, lambda_ssim=args.lambda_ssim,
         lambda_l1=args.lambda_l1, mode=args.mode, beta=args.beta, eps=args.eps, device=args.device,
         backend=args.backend, schedule=args.schedule, save_every=args.save_every, seed=args.seed, out=str(out),
+        densify=args.densify, densify_every=args.densify_every, densify_until=args.densify_until,
+        max_gaussians=args.max_gaussians,
     )  # fmt: skip
     inputs = FitInputs(
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
         normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
-        seed=args.seed,
+        max_gaussians=args.max_gaussians, init=args.init, seed=args.seed,
+        eval_specs=_parse_views(args.eval_views) if args.eval_views else [],
     )  # fmt: skip
     prepared = prepare_fit(inputs)
     for line in prepared.notes:
         print(line)
-    trainer = Trainer(prepared.model, prepared.targets, config, checkpoint=prepared.checkpoint)
+    trainer = Trainer(
+        prepared.model, prepared.targets, config, checkpoint=prepared.checkpoint, eval_targets=prepared.eval_targets
+    )
     print(trainer.describe())
     print(f"targets: {prepared.targets.describe()}")
     print(f"model: {prepared.model.num_gaussians} Gaussians ({prepared.model.frame.value} frame)")
+    if config.densify:
+        print(
+            f"density control: every {config.densify_every} steps until step {config.last_densify}, "
+            f"at most {trainer.budget} Gaussians"
+        )
     with tqdm(total=config.iterations, initial=trainer.iteration, unit="it", dynamic_ncols=True) as bar:
         for event in trainer.run():
             if isinstance(event, StepEvent):
                 bar.update(1)
-                bar.set_postfix(loss=f"{event.terms['loss']:.5f}", mse=f"{event.terms['mse']:.2e}",
-                                ssim=f"{event.terms['ssim']:.4f}")  # fmt: skip
+                bar.set_postfix(loss=f"{event.terms['loss']:.5f}", ssim=f"{event.terms['ssim']:.4f}",
+                                K=event.num_gaussians)  # fmt: skip
             elif isinstance(event, CheckpointEvent):
                 bar.write(f"saved {event.path}")
             elif isinstance(event, FinishedEvent):
                 final = event
-    print(f"{'view':<16}{'PSNR (dB)':>12}{'SSIM':>10}")
-    for name, values in final.metrics.items():
-        print(f"{name:<16}{values['psnr']:>12.2f}{values['ssim']:>10.4f}")
-    print(f"saved {final.path}")
+    print(format_table(final.metrics, final.held_out))
+    print(f"{final.num_gaussians} Gaussians; saved {final.path}")
     return 0
+
+
+def _parse_views(text: str) -> list[str]:
+    from .views import parse_view_specs
+
+    return parse_view_specs(text)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -209,7 +277,7 @@ def _render(args: argparse.Namespace) -> int:
     from .io.checkpoint import load_checkpoint
     from .io.tiff import read_volume, write_mips
     from .render import Renderer
-    from .views import make_views
+    from .views import AXIS_VIEWS, make_views
 
     geometry = None
     if args.target:
@@ -227,9 +295,10 @@ def _render(args: argparse.Namespace) -> int:
         geometry = VolumeGeometry(geometry.shape_zyx, tuple(args.voxel_size))
     print(f"volume {geometry.shape_zyx} spacing {geometry.spacing_zyx} ({checkpoint.geometry_source})")
     device, note = resolve_device(args.device)
-    renderer = Renderer.create(device, args.backend, args.mode, args.beta)
+    mode, beta = _render_settings(args, checkpoint.metadata)
+    renderer = Renderer.create(device, args.backend, mode, beta)
     print(f"{note}; {renderer.describe()}")
-    views = make_views(_view_specs(args), geometry, _resolution(args))
+    views = make_views(_view_specs(args) or list(AXIS_VIEWS), geometry, _resolution(args))
     physical = model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
     with torch.no_grad():
         images = renderer.render(physical, views)
@@ -239,6 +308,64 @@ def _render(args: argparse.Namespace) -> int:
         {v.name: (v.dv, v.du) for v in views},
     )
     print(f"wrote {len(views)} MIPs to {args.out}")
+    return 0
+
+
+def _render_settings(args: argparse.Namespace, metadata: dict[str, Any]) -> tuple[str, float]:
+    """Mode and beta: the flags, else what the checkpoint was fitted with, else the exact field MIP."""
+    fitted = metadata.get("renderer") if isinstance(metadata.get("renderer"), dict) else {}
+    mode = args.mode or fitted.get("mode") or "field"
+    beta = args.beta or float(fitted.get("beta", 50.0))
+    source = "flags" if args.mode else ("the checkpoint" if fitted.get("mode") else "default: field")
+    print(f"render mode {mode}" + (f", beta {beta:g}" if mode == "soft" else "") + f" ({source})")
+    return mode, beta
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .device import resolve_device
+    from .frames import Frame, VolumeGeometry
+    from .io.checkpoint import load_checkpoint
+    from .io.tiff import read_volume
+    from .metrics import format_table, score
+    from .render import Renderer
+    from .targets import Normalization, targets_for_views
+    from .views import AXIS_VIEWS, View, make_views
+
+    read = read_volume(args.target, args.channel, args.time, tuple(args.voxel_size) if args.voxel_size else None)
+    geometry = VolumeGeometry(read.data.shape, read.spacing_zyx)
+    checkpoint = load_checkpoint(args.checkpoint, geometry)
+    metadata = checkpoint.metadata
+    fitted_on = metadata.get("volume")
+    # The fit's own views (sizes included) unless the flags ask for others, so the scores match its final table.
+    same_volume = isinstance(fitted_on, dict) and VolumeGeometry.from_dict(fitted_on) == geometry
+    custom = args.views or args.num_views or args.resolution or args.downsample
+    if same_volume and metadata.get("views") and not custom:
+        trained = [View.from_dict(v) for v in metadata["views"]]
+    else:
+        trained = make_views(_view_specs(args) or list(AXIS_VIEWS), geometry, _resolution(args))
+    if args.eval_views:
+        held = make_views(_parse_views(args.eval_views), geometry, _resolution(args))
+    else:
+        held = [View.from_dict(v) for v in metadata.get("eval_views", [])] if same_volume else []
+    stored = metadata.get("normalization") if isinstance(metadata.get("normalization"), dict) else {}
+    if "low" in stored and "high" in stored:
+        normalization = Normalization("fixed", low=float(stored["low"]), high=float(stored["high"]))
+        print(f"normalisation of the fit: [{float(stored['low']):.6g}, {float(stored['high']):.6g}]")
+    else:
+        normalization = Normalization()
+    trained = [v for v in trained if v.name not in {h.name for h in held}]
+    targets = targets_for_views(read.data, geometry, [*trained, *held], normalization)
+    device, note = resolve_device(args.device)
+    mode, beta = _render_settings(args, metadata)
+    renderer = Renderer.create(device, args.backend, mode, beta)
+    print(f"{note}; {renderer.describe()}")
+    physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
+    with torch.no_grad():
+        images = renderer.render(physical, targets.views)
+    scores = {v.name: score(i, t) for v, i, t in zip(targets.views, images, targets.tensors(device))}
+    print(format_table(scores, [v.name for v in held]))
     return 0
 
 
@@ -290,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io.checkpoint import CheckpointError
     from .train import TrainingError
 
-    handlers = {"fit": _fit, "render": _render, "info": _info}
+    handlers = {"fit": _fit, "render": _render, "eval": _eval, "info": _info}
     try:
         return handlers[args.command](args)
     except TrainingError as error:

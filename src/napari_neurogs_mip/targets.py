@@ -1,10 +1,13 @@
 """Target MIPs: from a volume (axis or orbit views) or from precomputed MIP images.
 
 * Axis views are the exact ``np.max`` of the volume along an axis.
-* Orbit views sample each ray trilinearly at ``ORBIT_STEP`` of the finest voxel
-  spacing (inside the volume box only) and take the maximum.
+* Orbit views use the same definition of a pixel: the maximum over the voxels
+  whose centres project nearest to its centre (see :func:`orbit_mip`).
 * Lower resolutions are exact area averages of the native MIP (see
   :func:`area_resample`), matching ``View.resampled``.
+* Targets built from a volume also give, per pixel, the physical position of
+  the voxel behind its value (``Targets.peaks``), for back-projecting image
+  features into the volume.
 * Intensities are normalised to [0, 1] with one ``(low, high)`` pair for all
   views, so a Gaussian has the same peak in every view (see :class:`Normalization`).
 """
@@ -21,10 +24,16 @@ import torch.nn.functional as F  # noqa: N812
 from .frames import VolumeGeometry
 from .views import AXIS_VIEWS, View, make_views, native_view, output_shape
 
-ORBIT_STEP = 0.5
-"""Ray sample spacing for orbit-view targets, in units of the finest voxel spacing."""
+_RAY_DIM = {"xy": 0, "xz": 1, "yz": 2}
+"""The volume dimension (of Z, Y, X) each axis view looks along."""
 
-_SAMPLES_PER_CHUNK = 1 << 23
+_VOXELS_PER_CHUNK = 1 << 23
+"""Voxels :func:`orbit_mip` projects at once (bounds its scratch memory to a few hundred MB)."""
+
+_INDEX_BITS = 32
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+_EMPTY = torch.iinfo(torch.int64).min
+"""The key of a pixel that holds no voxel: below every real key (see ``_keys``)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,13 @@ class Targets:
         Raw intensities mapped to 0 and 1.
     normalization
         The rule that produced ``low``/``high``.
+    peaks
+        For targets built from a volume, one float32 [H, W, 3] array per view:
+        ``peaks[v][row, col]`` is the physical position (x, y, z) of the voxel
+        centre that gives pixel (row, col) of view ``v`` its value (for a
+        resampled view, that of the brightest native pixel in its area), NaN
+        where no voxel does (orbit-view pixels whose ray misses the volume).
+        ``None`` for targets built from MIP images.
     """
 
     views: list[View]
@@ -110,10 +126,35 @@ class Targets:
     low: float = 0.0
     high: float = 1.0
     normalization: Normalization = field(default_factory=Normalization)
+    peaks: list[np.ndarray] | None = None
 
     def tensors(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """The images as tensors on ``device``."""
         return [torch.as_tensor(image, dtype=dtype, device=device) for image in self.images]
+
+    def peak_positions(self, view_index: int, pixels: np.ndarray) -> np.ndarray:
+        """Physical positions of the voxels behind some pixels of one view.
+
+        Parameters
+        ----------
+        view_index
+            Index into ``views``.
+        pixels
+            Integer [N, 2] (row, column) pixel indices of that view.
+
+        Returns
+        -------
+        np.ndarray
+            float32 [N, 3] physical (x, y, z) positions, ``peaks[view_index][row, col]``.
+        """
+        if self.peaks is None:
+            raise ValueError("these targets have no peak positions (they were built from MIP images, not a volume)")
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 2 or pixels.shape[1] != 2 or not np.issubdtype(pixels.dtype, np.integer):
+            raise ValueError(
+                f"pixels must be an integer [N, 2] array of (row, column), got {pixels.dtype} {pixels.shape}"
+            )
+        return self.peaks[view_index][pixels[:, 0], pixels[:, 1]]
 
     def describe(self) -> str:
         """One line saying what the targets are."""
@@ -143,70 +184,227 @@ def area_resample(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 def axis_mip(volume: torch.Tensor, name: str) -> torch.Tensor:
     """Exact MIP of a [Z, Y, X] volume for an axis view (``xy``, ``xz`` or ``yz``)."""
-    return volume.amax(dim={"xy": 0, "xz": 1, "yz": 2}[name])
+    return volume.amax(dim=_RAY_DIM[name])
 
 
-def orbit_mip(volume: torch.Tensor, geometry: VolumeGeometry, view: View) -> torch.Tensor:
-    """MIP of a [Z, Y, X] volume for a native-resolution orbit view, by ray sampling.
+def axis_mip_argmax(volume: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact MIP of a [Z, Y, X] volume for an axis view and the voxel that gives each pixel its value.
 
-    Each ray is sampled every ``ORBIT_STEP`` x the finest spacing between the
-    points where it enters and leaves the box of voxel centres; trilinear
-    interpolation.  Rays that miss the box get the volume's minimum.
+    Returns
+    -------
+    image
+        The MIP, as :func:`axis_mip`.
+    index
+        int64, same shape: flat index into ``volume.reshape(-1)`` of the first
+        voxel along the ray holding the maximum (``np.argmax`` along the axis).
     """
-    device, dtype = volume.device, volume.dtype
-    extent = torch.as_tensor(geometry.extent_xyz, dtype=torch.float64)
-    u, v, w = (torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (view.u, view.v, view.w))
-    step = ORBIT_STEP * float(np.min(geometry.spacing_xyz))
-    cols = torch.arange(view.width, dtype=torch.float64) * view.du
-    rows = torch.arange(view.height, dtype=torch.float64) * view.dv
-    starts = torch.as_tensor(view.origin, dtype=torch.float64) + rows[:, None, None] * v + cols[None, :, None] * u
-    # Slab method: the ray p(t) = start + t w is inside [0, extent] for t in [t_in, t_out].
-    # Along an axis the ray is parallel to, it is inside for all t or for none.
-    parallel = w.abs() < 1e-12
-    w_safe = torch.where(parallel, torch.ones_like(w), w)
-    t_a = (0.0 - starts) / w_safe
-    t_b = (extent - starts) / w_safe
-    tolerance = 1e-9 * float(extent.max().clamp_min(1.0))
-    inside = (starts >= -tolerance) & (starts <= extent + tolerance)
-    infinity = torch.full_like(t_a, math.inf)
-    t_low = torch.where(parallel, torch.where(inside, -infinity, infinity), torch.minimum(t_a, t_b))
-    t_high = torch.where(parallel, torch.where(inside, infinity, -infinity), torch.maximum(t_a, t_b))
-    t_in = t_low.amax(-1)
-    t_out = t_high.amin(-1)
-    counts = torch.where(t_out >= t_in, torch.floor((t_out - t_in) / step).long() + 1, torch.zeros_like(t_in).long())
-    result = torch.full((view.height, view.width), float(volume.min()), dtype=dtype, device=device)
-    vol = volume[None, None]
-    scale = torch.where(extent > 0, 2.0 / extent.clamp_min(1e-300), torch.zeros_like(extent))
-    rows_per_chunk = max(1, _SAMPLES_PER_CHUNK // max(1, view.width * max(1, int(counts.max()))))
-    for r0 in range(0, view.height, rows_per_chunk):
-        r1 = min(view.height, r0 + rows_per_chunk)
-        n = int(counts[r0:r1].max())
-        if n == 0:
-            continue
-        t = t_in[r0:r1, :, None] + step * torch.arange(n, dtype=torch.float64)
-        points = starts[r0:r1, :, None, :] + t[..., None] * w  # [r, W, n, 3] physical (x, y, z)
-        grid = (points * scale - 1.0).to(dtype=dtype, device=device)
-        samples = F.grid_sample(vol, grid[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
-        valid = (torch.arange(n)[None, None, :] < counts[r0:r1, :, None]).to(device)
-        samples = torch.where(valid, samples, torch.full_like(samples, -math.inf))
-        best = samples.amax(-1)
-        result[r0:r1] = torch.where(torch.isfinite(best), best, result[r0:r1])
-    return result
+    dim = _RAY_DIM[name]
+    image, depth = volume.max(dim=dim)
+    strides = (volume.shape[1] * volume.shape[2], volume.shape[2], 1)
+    first, second = (d for d in range(3) if d != dim)
+    rows = torch.arange(volume.shape[first], device=volume.device)[:, None] * strides[first]
+    cols = torch.arange(volume.shape[second], device=volume.device)[None, :] * strides[second]
+    return image, depth * strides[dim] + rows + cols
 
 
-def volume_mips(volume: np.ndarray | torch.Tensor, geometry: VolumeGeometry, views: list[View]) -> list[torch.Tensor]:
-    """Raw (unnormalised) MIPs of ``volume`` in ``views`` (each at its own resolution)."""
+def orbit_mip(volume: torch.Tensor, geometry: VolumeGeometry, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIP of a [Z, Y, X] volume for a native-resolution orbit view, and the voxel behind each pixel.
+
+    A pixel holds the voxels whose centres project (orthographically, along
+    ``view.w``) nearest to its centre, and its value is their maximum: the
+    definition of an axis view, where a pixel holds exactly the voxels of its
+    ray.  A voxel coarser than the pixels along an axis also projects from
+    points spread through its box along that axis (:func:`_voxel_offsets`), so
+    it reaches every pixel its box covers.  Where the projected voxel lattice
+    is still sparser than the pixel grid
+    (e.g. the rows between the z planes of an anisotropic volume seen
+    side-on), pixels whose ray crosses the box of voxel centres may hold no
+    voxel; they take the value of their brightest 8-neighbour that holds one,
+    repeated until none is left (3x3 max-dilation into empty pixels only), so
+    a hole takes a value from its nearest hits.  Pixels that hold no voxel and
+    whose ray misses the box get the volume's minimum.
+
+    Returns
+    -------
+    image
+        [H, W] MIP, dtype of ``volume``.
+    index
+        [H, W] int64 flat index into ``volume.reshape(-1)`` of the voxel that
+        gives each pixel its value (the lowest index among equal maxima), so
+        ``image == volume.reshape(-1)[index]``; -1 where no voxel does.
+    """
+    depth, height, width = volume.shape
+    if volume.numel() >= 1 << _INDEX_BITS:
+        raise ValueError(f"orbit targets support volumes of fewer than 2^{_INDEX_BITS} voxels, got {volume.numel()}")
+    device = volume.device
+    spacing, origin = geometry.spacing_xyz, np.asarray(view.origin)
+    # Image coordinates of voxel (z, y, x) are affine in (x, y, z): col = cu . (x, y, z) + col0 (rows likewise).
+    # The 0.5 makes floor() pick the nearest pixel centre; the 1 shifts pixels into a grid with a one-pixel
+    # border, where clamping parks every voxel that projects off the image (cheaper than masking them).
+    cu = np.asarray(view.u) * spacing / view.du
+    cv = np.asarray(view.v) * spacing / view.dv
+    col0 = 1.5 - float(np.asarray(view.u) @ origin) / view.du
+    row0 = 1.5 - float(np.asarray(view.v) @ origin) / view.dv
+    x = torch.arange(width, dtype=torch.float64, device=device)
+    x_col, x_row = x * cu[0], x * cv[0]
+    lines = volume.reshape(-1, width)  # one line of x per (z, y)
+    padded = (view.height + 2, view.width + 2)
+    keys = torch.full((padded[0] * padded[1],), _EMPTY, dtype=torch.int64, device=device)
+    lines_per_chunk = max(1, _VOXELS_PER_CHUNK // width)
+    for offset in _voxel_offsets(spacing, min(view.du, view.dv)):
+        shift_col, shift_row = float(cu @ offset), float(cv @ offset)
+        for l0 in range(0, depth * height, lines_per_chunk):
+            l1 = min(depth * height, l0 + lines_per_chunk)
+            line = torch.arange(l0, l1, device=device)
+            z, y = (line // height).double(), (line % height).double()
+            col = torch.add((col0 + shift_col + cu[1] * y + cu[2] * z)[:, None], x_col)
+            row = torch.add((row0 + shift_row + cv[1] * y + cv[2] * z)[:, None], x_row)
+            col = col.floor_().clamp_(0, padded[1] - 1)
+            row = row.floor_().clamp_(0, padded[0] - 1)
+            pixel = row.mul_(padded[1]).add_(col).long()  # exact in float64
+            index = torch.arange(l0 * width, l1 * width, device=device)
+            keys.scatter_reduce_(0, pixel.reshape(-1), _keys(lines[l0:l1].reshape(-1), index), reduce="amax")
+    keys = _fill_holes(keys.reshape(padded)[1:-1, 1:-1], _rays_hit_box(geometry, view).to(device))
+    index = _key_index(keys)
+    image = torch.where(index >= 0, volume.reshape(-1)[index.clamp_min(0)], volume.min())
+    return image, index
+
+
+def _voxel_offsets(spacing_xyz: np.ndarray, pixel: float) -> list[np.ndarray]:
+    """Points inside a voxel (voxel units, centred) that stand for its whole box at a ``pixel`` sampling.
+
+    A voxel coarser than a pixel along an axis (z of an anisotropic stack) is
+    cut into ``ceil(spacing / pixel)`` slices along it, so that its projection
+    covers the pixels its box covers: with centres only, a neurite seen
+    obliquely would break into one dash per z plane.
+    """
+    counts = [max(1, math.ceil(s / pixel - 1e-9)) for s in spacing_xyz]
+    axes = [(np.arange(n) + 0.5) / n - 0.5 for n in counts]
+    return [np.array(point) for point in np.array(np.meshgrid(*axes, indexing="ij")).reshape(3, -1).T]
+
+
+def native_mip(volume: torch.Tensor, geometry: VolumeGeometry, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIP and arg-max voxel index of a native-resolution view (see :func:`axis_mip_argmax`, :func:`orbit_mip`)."""
+    return axis_mip_argmax(volume, view.name) if view.is_axis else orbit_mip(volume, geometry, view)
+
+
+def resample_argmax(image: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Arg-max voxel index of a native MIP resampled to ``shape`` (as :func:`area_resample`).
+
+    Each output pixel takes the voxel index of the brightest native pixel
+    that overlaps its area (the lowest voxel index among equal values; a
+    native pixel without a voxel, index -1, only where no other overlaps).
+    """
+    height, width = image.shape
+    if (height, width) == tuple(shape):
+        return index
+    keys = torch.where(index >= 0, _keys(image, index.clamp_min(0)), _EMPTY)
+    keys = torch.stack([keys[lo:hi].amax(0) for lo, hi in _overlaps(height, shape[0])])
+    keys = torch.stack([keys[:, lo:hi].amax(1) for lo, hi in _overlaps(width, shape[1])], dim=1)
+    return _key_index(keys)
+
+
+def voxel_positions(index: torch.Tensor | np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+    """Physical (x, y, z) positions of voxel centres given by flat indices into a [Z, Y, X] volume.
+
+    Returns
+    -------
+    np.ndarray
+        float32 [..., 3]: ``(x, y, z) * geometry.spacing_xyz`` of the voxel
+        with flat index ``z * Y * X + y * X + x``; NaN where the index is -1.
+    """
+    flat = torch.as_tensor(index).cpu().numpy()
+    _, height, width = geometry.shape_zyx
+    voxel = np.stack([flat % width, (flat // width) % height, flat // (width * height)], axis=-1)
+    positions = (voxel * geometry.spacing_xyz).astype(np.float32)
+    positions[flat < 0] = np.nan
+    return positions
+
+
+def volume_mips_and_peaks(
+    volume: np.ndarray | torch.Tensor, geometry: VolumeGeometry, views: list[View]
+) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Raw (unnormalised) MIPs of ``volume`` in ``views`` and their peak positions.
+
+    Returns
+    -------
+    images
+        One [H, W] MIP per view at its own resolution (native MIP, area-averaged).
+    peaks
+        One float32 [H, W, 3] array per view: physical (x, y, z) of the voxel
+        centre that gives each pixel its value (for a resampled view, that of
+        the brightest native pixel in its area, see :func:`resample_argmax`);
+        NaN where no voxel does.
+    """
     tensor = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if isinstance(volume, np.ndarray) else volume
-    images = []
+    images, peaks = [], []
     for view in views:
         native = native_view(view.name, geometry) if view.is_axis else _native_orbit(view, geometry)
-        image = axis_mip(tensor, view.name) if view.is_axis else orbit_mip(tensor, geometry, native)
+        image, index = native_mip(tensor, geometry, native)
         images.append(area_resample(image.double(), view.shape).to(tensor.dtype))
-    return images
+        peaks.append(voxel_positions(resample_argmax(image, index, view.shape), geometry))
+    return images, peaks
 
 
 def _native_orbit(view: View, geometry: VolumeGeometry) -> View:
     return native_view(f"{view.azimuth}:{view.elevation}", geometry)
+
+
+def _keys(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered by value (as float32), then by lower voxel index: one ``amax`` finds both."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
+    # Flipping the magnitude bits of negative floats (sign-extended by the shift) makes the int32 order the float
+    # order; the index goes to the 32 free low bits, reversed so that lower indices win ties.
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return torch.sub(_INDEX_MASK, index).add_(ordered, alpha=1 << _INDEX_BITS)
+
+
+def _key_index(keys: torch.Tensor) -> torch.Tensor:
+    """The voxel index in ``keys`` (inverse of :func:`_keys`); -1 for empty keys."""
+    return torch.where(keys == _EMPTY, -1, _INDEX_MASK - (keys & _INDEX_MASK))
+
+
+def _fill_holes(keys: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Give empty pixels of ``inside`` the largest key among their 8 neighbours, until none changes."""
+    height, width = keys.shape
+    while True:
+        holes = inside & (keys == _EMPTY)
+        if not bool(holes.any()):
+            return keys
+        padded = F.pad(keys, (1, 1, 1, 1), value=_EMPTY)
+        best = torch.stack([padded[dr : dr + height, dc : dc + width] for dr in range(3) for dc in range(3)]).amax(0)
+        fill = holes & (best != _EMPTY)
+        # A hole whose nearest voxels lie beyond pixels outside the box (a sliver at the box's silhouette) keeps none.
+        if not bool(fill.any()):
+            return keys
+        keys = torch.where(fill, best, keys)
+
+
+def _rays_hit_box(geometry: VolumeGeometry, view: View) -> torch.Tensor:
+    """[H, W] bool: whether the ray through each pixel centre crosses the (closed) box of voxel centres."""
+    extent = geometry.extent_xyz
+    tolerance = 1e-9 * max(float(extent.max()), 1.0)  # rays along a box face count as inside
+    cols = np.arange(view.width) * view.du
+    rows = np.arange(view.height)[:, None] * view.dv
+    hit = np.ones(view.shape, dtype=bool)
+    t_in = np.full(view.shape, -np.inf)
+    t_out = np.full(view.shape, np.inf)
+    # Slab method: along each axis the ray start + t w is within [0, extent] for t in an interval (or always/never).
+    for axis, w in enumerate(view.w):
+        start = view.origin[axis] + rows * view.v[axis] + cols * view.u[axis]
+        low, high = -tolerance, extent[axis] + tolerance
+        if abs(w) < 1e-12:
+            hit &= (start >= low) & (start <= high)
+        else:
+            t_a, t_b = (low - start) / w, (high - start) / w
+            t_in = np.maximum(t_in, np.minimum(t_a, t_b))
+            t_out = np.minimum(t_out, np.maximum(t_a, t_b))
+    return torch.as_tensor(hit & (t_in <= t_out))
+
+
+def _overlaps(size_in: int, size_out: int) -> list[tuple[int, int]]:
+    """Per output pixel, the range of input pixels that overlap its area (exact integer arithmetic)."""
+    return [(i * size_in // size_out, -(-(i + 1) * size_in // size_out)) for i in range(size_out)]
 
 
 def targets_from_volume(
@@ -216,10 +414,21 @@ def targets_from_volume(
     resolution: float | tuple[int, int] | None = None,
     normalization: Normalization | None = None,
 ) -> Targets:
-    """Normalised MIP targets of a [Z, Y, X] volume.
+    """Normalised MIP targets of a [Z, Y, X] volume in the views named by ``view_specs``, with their peak positions.
+
+    See :func:`targets_for_views`.
+    """
+    return targets_for_views(volume, geometry, make_views(view_specs, geometry, resolution), normalization)
+
+
+def targets_for_views(
+    volume: np.ndarray, geometry: VolumeGeometry, views: list[View], normalization: Normalization | None = None
+) -> Targets:
+    """Normalised MIP targets of a [Z, Y, X] volume in ``views`` (e.g. those a checkpoint records).
 
     The normalisation is fitted on the axis MIPs at native resolution (the
     orbit views share it), so it does not depend on which views are trained.
+    ``Targets.peaks`` is filled (see :func:`volume_mips_and_peaks`).
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -232,9 +441,9 @@ def targets_from_volume(
     tensor = torch.as_tensor(volume.astype(np.float32, copy=False))
     reference = [axis_mip(tensor, name).numpy() for name in AXIS_VIEWS]
     low, high = normalization.fit(reference)
-    views = make_views(view_specs, geometry, resolution)
-    images = [_normalise(image.numpy(), low, high) for image in volume_mips(tensor, geometry, views)]
-    return Targets(views, images, geometry, low, high, normalization)
+    raw, peaks = volume_mips_and_peaks(tensor, geometry, views)
+    images = [_normalise(image.numpy(), low, high) for image in raw]
+    return Targets(list(views), images, geometry, low, high, normalization, peaks)
 
 
 def targets_from_mips(

@@ -4,10 +4,16 @@
 the napari widget.  It fits in the physical frame of the target volume and
 stores models in the frame they came in.
 
-Learning rates follow the seed design: means ``lr``, log-scales ``0.1 lr``,
-quaternions ``0.1 lr``, log-amplitudes ``lr``.  Mean steps are in units of the
-volume's longest side (as if the box were [0, 1]), so ``lr`` means the same for
-every volume.  After each step the parameters are clamped:
+Each parameter group has its own learning rate: ``lr`` for the means (steps in
+units of the volume's longest side, as if the box were [0, 1], so ``lr`` means
+the same for every volume), ``lr_scales``, ``lr_rotations`` and
+``lr_amplitudes`` for the log-scales, quaternions and log-amplitudes.  The seed
+design's ratios (``0.1 lr``, ``0.1 lr``, ``lr``) froze the shapes: over 1,000
+steps log-scales moved by 0.02 (median), so Gaussians stayed round while
+neurites are long and thin; the defaults here were chosen by measurement (see
+``docs/quality.md``).  With ``densify`` on, :mod:`.densify` adds and removes
+Gaussians every ``densify_every`` steps until ``densify_until``, within
+``max_gaussians``.  After each step the parameters are clamped:
 
 * means to the volume box, half a voxel beyond the outer voxel centres;
 * log-scales to ``[log(0.25 * finest spacing), log(longest side)]`` (physical units);
@@ -27,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .densify import DensityChange, DensityStats, NewGaussians, plan_change, spawn, win_counts
 from .device import resolve_device, torch_threads
 from .frames import Frame
 from .io.checkpoint import Checkpoint, save_checkpoint
-from .losses import SSIM_WINDOW, LossWeights, mip_loss, psnr, ssim
+from .losses import SSIM_WINDOW, LossWeights, mip_loss
+from .metrics import foreground_level, score
 from .model import GaussianModel
 from .render import MODES, Renderer
 from .render.field import check_field_views
@@ -39,6 +47,8 @@ from .targets import Targets
 FINAL_NAME = "neurogs_renderer_optimized.pt"
 LOG_AMPLITUDE_RANGE = (-10.0, 6.0)
 SCHEDULES = ("none", "cosine", "exponential")
+DEFAULT_BUDGET = {"cpu": 60_000, "mps": 200_000, "cuda": 1_000_000}
+"""Default ``max_gaussians`` per device type."""
 
 
 class TrainingError(RuntimeError):
@@ -51,6 +61,9 @@ class FitConfig:
 
     iterations: int = 1000
     lr: float = 1e-3
+    lr_scales: float = 1e-2
+    lr_rotations: float = 1e-2
+    lr_amplitudes: float = 1e-2
     lambda_mse: float = 1.0
     lambda_ssim: float = 0.1
     lambda_l1: float = 0.0
@@ -66,6 +79,10 @@ class FitConfig:
     preview_every: int = 10
     seed: int = 0
     out: str | None = None
+    densify: bool = True
+    densify_every: int = 100
+    densify_until: int | None = None
+    max_gaussians: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,8 +91,18 @@ class FitConfig:
         """Raise ``ValueError`` naming the first bad setting."""
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {self.iterations}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("lr", "lr_scales", "lr_rotations", "lr_amplitudes"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not isinstance(self.densify, bool):
+            raise ValueError(f"densify must be true or false, got {self.densify!r}")
+        if not isinstance(self.densify_every, int) or self.densify_every < 1:
+            raise ValueError(f"densify_every must be a positive integer, got {self.densify_every}")
+        if self.densify_until is not None and (not isinstance(self.densify_until, int) or self.densify_until < 0):
+            raise ValueError(f"densify_until must be an integer >= 0, got {self.densify_until}")
+        if self.max_gaussians is not None and (not isinstance(self.max_gaussians, int) or self.max_gaussians < 1):
+            raise ValueError(f"max_gaussians must be a positive integer, got {self.max_gaussians}")
         LossWeights(self.lambda_mse, self.lambda_ssim, self.lambda_l1)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -90,6 +117,17 @@ class FitConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-typed copy."""
         return asdict(self)
+
+    @property
+    def last_densify(self) -> int:
+        """The last iteration at which density control may act (default: three quarters of the fit)."""
+        return self.densify_until if self.densify_until is not None else (3 * self.iterations) // 4
+
+    def gaussian_budget(self, device: torch.device) -> int:
+        """``max_gaussians``, or the default for ``device``: what a step renders in tens of ms there."""
+        if self.max_gaussians is not None:
+            return self.max_gaussians
+        return DEFAULT_BUDGET.get(device.type, DEFAULT_BUDGET["cpu"])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FitConfig:
@@ -115,6 +153,9 @@ class StepEvent:
     its_per_second: float
     elapsed: float
     images: list[np.ndarray] | None = None
+    num_gaussians: int = 0
+    density: str | None = None
+    """What density control changed at this step (``None``: it did not run)."""
 
 
 @dataclass
@@ -127,13 +168,19 @@ class CheckpointEvent:
 
 @dataclass
 class FinishedEvent:
-    """The fit ended (all iterations, or stopped by request)."""
+    """The fit ended (all iterations, or stopped by request).
+
+    ``metrics`` has one entry per training view and per held-out view (names in
+    ``held_out``), each the :func:`.metrics.score` of the final render.
+    """
 
     iteration: int
     stopped: bool
     metrics: dict[str, dict[str, float]]
     images: list[np.ndarray]
     path: Path | None = None
+    held_out: list[str] = field(default_factory=list)
+    num_gaussians: int = 0
 
 
 Event = StepEvent | CheckpointEvent | FinishedEvent
@@ -145,6 +192,7 @@ class _Snapshot:
     optimizer_state: dict[str, Any]
     iteration: int
     loss_history: list[float] = field(default_factory=list)
+    density_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Trainer:
@@ -160,14 +208,25 @@ class Trainer:
         Fit settings.
     checkpoint
         A checkpoint of ours to resume from (its optimiser state and iteration).
+    eval_targets
+        Held-out views: scored by :meth:`metrics` and in the final event, never trained on.
+        They must share the targets' volume and normalisation.
     """
 
     def __init__(
-        self, model: GaussianModel, targets: Targets, config: FitConfig, checkpoint: Checkpoint | None = None
+        self,
+        model: GaussianModel,
+        targets: Targets,
+        config: FitConfig,
+        checkpoint: Checkpoint | None = None,
+        eval_targets: Targets | None = None,
     ) -> None:
         config.validate()
         if config.mode == "field":
             check_field_views(targets.views)
+        if eval_targets is not None:
+            _check_held_out(targets, eval_targets)
+        self.eval_targets = eval_targets
         self.config = config
         self.targets = targets
         self.device, self.device_note = resolve_device(config.device)
@@ -189,19 +248,28 @@ class Trainer:
                     f"views {small} are smaller than the {SSIM_WINDOW}-pixel SSIM window; raise the resolution"
                 )
         longest = geometry.longest_side
-        groups = [
-            {"params": [self._params["means"]], "lr": config.lr * longest, "name": "means"},
-            {"params": [self._params["log_scales"]], "lr": 0.1 * config.lr, "name": "log_scales"},
-            {"params": [self._params["quaternions"]], "lr": 0.1 * config.lr, "name": "quaternions"},
-            {"params": [self._params["log_amplitudes"]], "lr": config.lr, "name": "log_amplitudes"},
-        ]
-        self.optimizer = torch.optim.Adam(groups)
+        rates = {
+            "means": config.lr * longest,
+            "log_scales": config.lr_scales,
+            "quaternions": config.lr_rotations,
+            "log_amplitudes": config.lr_amplitudes,
+        }
+        self.optimizer = torch.optim.Adam([{"params": [self._params[n]], "lr": r, "name": n} for n, r in rates.items()])
         self.iteration = 0
         self.loss_history: list[float] = []
+        self.budget = config.gaussian_budget(self.device)
+        self.density = DensityStats.zeros(self.model.num_gaussians, self.device)
         if checkpoint is not None and checkpoint.optimizer_state is not None and start is not None:
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
             self.iteration = checkpoint.iteration
             self.loss_history = list(checkpoint.metadata.get("loss_history", []))
+            if checkpoint.density_state is not None:
+                self.density = DensityStats.from_tensors(
+                    checkpoint.density_state, self.model.num_gaussians, self.device
+                )
+        # Each view's background level: density control only spawns on pixels above it.
+        self._levels = [foreground_level(image) for image in targets.images]
+        self._pixel = float(np.min(geometry.spacing_xyz))
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         spacing = torch.as_tensor(geometry.spacing_xyz, dtype=physical.means.dtype, device=self.device)
@@ -210,6 +278,7 @@ class Trainer:
             torch.as_tensor(geometry.extent_xyz, device=self.device).to(spacing) + 0.5 * spacing,
         )
         self._log_scale_range = (math.log(0.25 * float(geometry.spacing_xyz.min())), math.log(longest))
+        self.last_change: DensityChange | None = None
         self._clamp()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -259,7 +328,8 @@ class Trainer:
                       for k, s in state["state"].items()},
             "param_groups": [dict(g) for g in state["param_groups"]],
         }  # fmt: skip
-        return _Snapshot(self.model.to("cpu"), copied, self.iteration, list(self.loss_history))
+        density = {n: t.detach().cpu().clone() for n, t in self.density.tensors().items()}
+        return _Snapshot(self.model.to("cpu"), copied, self.iteration, list(self.loss_history), density)
 
     def _write(self, path: Path, snapshot: _Snapshot) -> Path:
         stored = snapshot.model.to_frame(self.original_frame, self.targets.geometry)
@@ -267,6 +337,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "seed": self.config.seed,
             "views": [v.to_dict() for v in self.targets.views],
+            "eval_views": [v.to_dict() for v in self.eval_targets.views] if self.eval_targets else [],
             "normalization": {
                 "rule": self.targets.normalization.rule,
                 "low": self.targets.low,
@@ -278,7 +349,7 @@ class Trainer:
         loss = snapshot.loss_history[-1] if snapshot.loss_history else None
         return save_checkpoint(
             path, stored, fit_model=snapshot.model, optimizer_state=snapshot.optimizer_state,
-            iteration=snapshot.iteration, loss=loss, extra=extra,
+            iteration=snapshot.iteration, loss=loss, extra=extra, density_state=snapshot.density_state,
         )  # fmt: skip
 
     # --------------------------------------------------------------------- fit
@@ -288,15 +359,26 @@ class Trainer:
             return self.renderer.render(self.model, self.targets.views)
 
     def metrics(self, images: list[torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-        """PSNR (dB) and SSIM of each view (SSIM is NaN for views smaller than its 11-pixel window)."""
+        """:func:`.metrics.score` of every training view, then of every held-out view.
+
+        ``images`` are renders of the training views (default: rendered now); held-out views are rendered here.
+        """
         images = images if images is not None else self.render()
-        return {
-            view.name: {
-                "psnr": psnr(image, target),
-                "ssim": float(ssim(image.double(), target.double())) if min(view.shape) >= SSIM_WINDOW else math.nan,
-            }
+        scores = {
+            view.name: score(image, target)
             for view, image, target in zip(self.targets.views, images, self._target_tensors)
         }
+        if self.eval_targets is not None:
+            with torch.no_grad():
+                held = self.renderer.render(self.model, self.eval_targets.views)
+            for view, image, target in zip(self.eval_targets.views, held, self.eval_targets.tensors(self.device)):
+                scores[view.name] = score(image, target)
+        return scores
+
+    @property
+    def held_out(self) -> list[str]:
+        """Names of the held-out views."""
+        return [v.name for v in self.eval_targets.views] if self.eval_targets is not None else []
 
     def step(self) -> tuple[dict[str, float], list[torch.Tensor]]:
         """One Adam step; returns the loss terms and the rendered views (before the step).
@@ -317,12 +399,53 @@ class Trainer:
                     f"the loss or its gradient became NaN/Inf at iteration {self.iteration + 1} "
                     f"(loss {terms['loss']}); the model was left at iteration {self.iteration}"
                 )
+            if self._densifying:
+                self.density.accumulate(self._params["means"].grad, self._pixel)
             self._schedule()
             self.optimizer.step()
             self._clamp()
             self.iteration += 1
             self.loss_history.append(terms["loss"])
+            self.last_change = None
+            if self._densifying and self.iteration % self.config.densify_every == 0:
+                self.last_change = self._densify([r.detach() for r in rendered])
         return terms, [r.detach() for r in rendered]
+
+    @property
+    def _densifying(self) -> bool:
+        return self.config.densify and self.iteration < self.config.last_densify
+
+    def _densify(self, rendered: list[torch.Tensor]) -> DensityChange:
+        """Spawn, clone, split and prune (see :mod:`.densify`); the optimiser state follows the rows."""
+        wins = win_counts(self.model, self.targets.views, self.config.eps)
+        new = spawn(self.targets, self._target_tensors, rendered, self._levels, self.budget)
+        split_scale = 1.5 * float(np.max(self.targets.geometry.spacing_xyz))
+        change = plan_change(self._params, self.density, wins, new, self.budget, split_scale)
+        self._resize(change.keep, change.added)
+        self.density.reset_gradients()
+        self._clamp()
+        return change
+
+    @torch.no_grad()
+    def _resize(self, keep: torch.Tensor, added: NewGaussians) -> None:
+        """Keep rows ``keep`` of every parameter, append ``added``; Adam moments and density statistics follow
+        (zeros for new rows)."""
+        new_rows = added.tensors()
+        for group in self.optimizer.param_groups:
+            name = group["name"]
+            old = group["params"][0]
+            fresh = new_rows[name].to(device=old.device, dtype=old.dtype)
+            param = torch.cat([old.detach()[keep], fresh]).requires_grad_(True)
+            state = self.optimizer.state.pop(old, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = torch.cat([state[key][keep], torch.zeros_like(fresh)])
+            if state:
+                self.optimizer.state[param] = state
+            group["params"][0] = param
+            self._params[name] = param
+        self.density = self.density.select(keep, len(added))
+        self.model = GaussianModel(**self._params, frame=Frame.PHYSICAL, geometry=self.targets.geometry)
 
     def _schedule(self) -> None:
         if self.config.schedule == "none":
@@ -372,9 +495,25 @@ class Trainer:
                 len(window) / sum(window),
                 time.perf_counter() - start_time,
                 [r.cpu().numpy() for r in rendered] if show else None,
+                self.model.num_gaussians,
+                self.last_change.describe() if self.last_change is not None else None,
             )
             if out is not None and self.iteration % self.config.save_every == 0:
                 yield CheckpointEvent(self.iteration, self.save(out / f"checkpoint_iter{self.iteration}.pt"))
         images = self.render()
         path = self.save(out / FINAL_NAME) if out is not None else None
-        yield FinishedEvent(self.iteration, stopped, self.metrics(images), [i.cpu().numpy() for i in images], path)
+        yield FinishedEvent(
+            self.iteration, stopped, self.metrics(images), [i.cpu().numpy() for i in images], path, self.held_out,
+            self.model.num_gaussians,
+        )  # fmt: skip
+
+
+def _check_held_out(targets: Targets, held_out: Targets) -> None:
+    """Held-out views must describe the same volume with the same normalisation, and not be trained on."""
+    if held_out.geometry != targets.geometry:
+        raise ValueError(f"held-out views are of volume {held_out.geometry}, the targets of {targets.geometry}")
+    if (held_out.low, held_out.high) != (targets.low, targets.high):
+        raise ValueError("held-out views must share the targets' normalisation (low, high)")
+    both = sorted({v.name for v in targets.views} & {v.name for v in held_out.views})
+    if both:
+        raise ValueError(f"views {both} are both trained on and held out; a held-out view must not be trained on")

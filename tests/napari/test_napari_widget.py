@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from napari_neurogs_mip._napari._threads import worker_pool
 from napari_neurogs_mip.device import available_devices
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.io.tiff import read_mips
+from napari_neurogs_mip.setup import VOLUME_VIEWS, FitInputs
 from napari_neurogs_mip.train import FinishedEvent, FitConfig, Trainer
 
 pytestmark = pytest.mark.gui
@@ -32,22 +34,30 @@ def _record_count() -> int:
     return len(notification_manager.records)
 
 
+def _shown_gaussians(widget) -> int:
+    """The number of Gaussians the status line shows."""
+    match = re.search(r"([\d,]+) Gaussians", widget.status_label.text())
+    assert match, widget.status_label.text()
+    return int(match.group(1).replace(",", ""))
+
+
 def test_widget_opens_through_the_manifest(make_napari_viewer) -> None:
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "neuron")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
     assert isinstance(widget, FitWidget)
-    # The seed's defaults, and only the devices this machine has.
-    defaults = FitConfig()
-    config = widget.fit_config()
-    assert (config.iterations, config.lr, config.lambda_mse, config.lambda_ssim, config.beta, config.mode) == (
-        defaults.iterations,
-        defaults.lr,
-        defaults.lambda_mse,
-        defaults.lambda_ssim,
-        defaults.beta,
-        defaults.mode,
-    )
+    # The core's defaults (fit settings and inputs alike), and only the devices this machine has.
+    assert widget.fit_config().to_dict() == FitConfig(device=widget.device_combo.currentText()).to_dict()
+    inputs, default_inputs = widget.fit_inputs(), FitInputs()
+    for name in ("view_specs", "resolution", "normalize", "num_gaussians", "max_gaussians", "init", "eval_specs"):
+        assert getattr(inputs, name) == getattr(default_inputs, name), name
+    assert inputs.view_specs is None  # the core's default views, whatever they are
+    assert widget.views_info.text() == "fits xy, xz, yz, az45_el35, az135_el-35"
+    # "auto" boxes say what they stand for.
+    assert widget.num_gaussians.text() == widget.max_gaussians.text().split()[0] == "auto"
+    assert widget.densify_until.text() == f"auto (step {FitConfig().last_densify})"
+    widget.iterations.setValue(400)
+    assert widget.densify_until.text() == "auto (step 300)"
     assert [widget.device_combo.itemText(i) for i in range(widget.device_combo.count())] == available_devices()
     # Voxel size comes from the layer scale (the sample's spacing).
     assert widget.layer_combo.currentText() == "sample neuron"
@@ -105,7 +115,8 @@ def test_short_fit_runs_to_completion(sample_viewer, qtbot, tmp_path) -> None:
     exported = widget.export_mips(tmp_path / "mips.tif")
     assert exported is not None
     mips = read_mips(exported)
-    assert set(mips) == {"xy", "xz", "yz"}
+    # The core's default views: the axis MIPs and the oblique ones.
+    assert len(mips) == len(VOLUME_VIEWS) and set(mips) == set(views) and {"xy", "xz", "yz"} < set(mips)
     np.testing.assert_allclose(mips["xy"], viewer.layers["rendered xy"].data)
 
 
@@ -169,6 +180,8 @@ def test_error_in_the_trainer_is_notified_and_resets(sample_viewer, qtbot, monke
 
 def test_bad_settings_are_notified_without_starting(sample_viewer, qtbot) -> None:
     _, widget = sample_viewer
+    widget.default_views_check.setChecked(False)
+    assert widget.fit_inputs().view_specs == ["xy", "xz", "yz"]
     for check in widget.axis_checks.values():
         check.setChecked(False)
     before = _record_count()
@@ -179,6 +192,66 @@ def test_bad_settings_are_notified_without_starting(sample_viewer, qtbot) -> Non
     widget.start()
     assert widget.state == "idle"
     assert any("not-a-view" in message for message in _errors_since(before))
+
+
+def test_bad_held_out_views_are_notified_without_starting(sample_viewer) -> None:
+    _, widget = sample_viewer
+    before = _record_count()
+    widget.eval_edit.setText("30:20, sideways")
+    assert "sideways" in widget.views_info.text()  # said as it is typed
+    widget.start()
+    assert widget.state == "idle" and widget._worker is None and widget.trainer is None
+    assert any("held-out views" in m and "'sideways'" in m for m in _errors_since(before))
+    # A held-out view must not be one of the views fitted (xy is a default view).
+    before = _record_count()
+    widget.eval_edit.setText("30:20, xy")
+    widget.start()
+    assert widget.state == "idle" and widget._worker is None
+    assert any("['xy']" in m and "held-out" in m for m in _errors_since(before))
+    widget.eval_edit.setText(" 30:20 ,120:-15")
+    assert widget.fit_inputs().eval_specs == ["30:20", "120:-15"]
+    assert widget.views_info.text().endswith("holds out az30_el20, az120_el-15")
+
+
+def test_density_control_and_held_out_views(sample_viewer, qtbot) -> None:
+    """K changes while the fit runs, the widget shows it, and held-out views are scored and marked."""
+    viewer, widget = sample_viewer
+    widget.iterations.setValue(40)
+    widget.densify_every.setValue(8)  # after the first preview, which shows the initial count
+    widget.max_gaussians.setValue(600)
+    widget.eval_edit.setText("30:20, 120:-15")
+    # A Gaussian layer of another size from an earlier fit: the new one must replace its points.
+    [earlier] = viewer.open_sample(PLUGIN, "neuron_model")
+    earlier.name = "fitted gaussians"
+    shown: list[int] = []
+    widget.layers_updated.connect(lambda _: shown.append(_shown_gaussians(widget)))
+    finished: list[FinishedEvent] = []
+    widget.fit_finished.connect(finished.append)
+    widget.start()
+    wait_idle(qtbot, widget)
+
+    assert len(finished) == 1
+    event, trainer = finished[0], widget.trainer
+    assert trainer.config.densify and trainer.config.densify_every == 8 and trainer.budget == 600
+    # The count shown started at the initial model's, changed, and ends at the trainer's.
+    assert shown[0] == 200
+    assert event.num_gaussians == trainer.model.num_gaussians == _shown_gaussians(widget) != 200
+    assert len(set(shown)) > 1
+    assert "density control at step" in widget.status_label.text()
+    # Held-out views are scored and marked as such; the trained views are not.
+    assert event.held_out == ["az30_el20", "az120_el-15"]
+    assert set(event.metrics) == {v.name for v in widget._views} | set(event.held_out)
+    summary = widget.summary_label.text()
+    for name in event.held_out:
+        assert f"<td>{name}</td><td>held-out</td>" in summary
+    assert "<td>xy</td><td>trained</td>" in summary
+    assert all(title in summary for title in ("PSNR", "fg PSNR", "recall", "SSIM"))
+    table = widget.summary_label.toolTip()
+    assert re.search(r"az30_el20\s+held-out", table) and re.search(r"xy\s+trained", table)
+    # The layer of Gaussians follows the final count, features and all.
+    wait_for(qtbot, lambda: len(viewer.layers["fitted gaussians"].data) == event.num_gaussians)
+    layer = viewer.layers["fitted gaussians"]
+    assert layer is earlier and len(layer.features) == len(layer.size) == event.num_gaussians
 
 
 def test_closing_the_viewer_stops_a_paused_fit(make_napari_viewer, qtbot) -> None:

@@ -13,7 +13,9 @@ and laid side by side through ``translate`` (see :func:`._layers.view_layout`).
 
 from __future__ import annotations
 
+import html
 import logging
+import math
 import tempfile
 import time
 import weakref
@@ -41,14 +43,17 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from ..device import available_devices
+from ..frames import VolumeGeometry
 from ..io.checkpoint import save_checkpoint as write_checkpoint_file
 from ..io.tiff import read_metadata, write_mips
+from ..metrics import format_table
 from ..render import BACKENDS, MODES
-from ..setup import FitInputs
-from ..train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
-from ..views import AXIS_VIEWS, View, parse_view_specs
+from ..setup import INITS, LEGACY_COUNT, VOLUME_VIEWS, FitInputs
+from ..train import DEFAULT_BUDGET, CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
+from ..views import AXIS_VIEWS, View, make_views, parse_view_specs
 from ._fit_worker import Failed, FitControl, FitUpdate, ModelSnapshot, Ready, fit_events, warm_up_renderer
 from ._layers import (
     ROLE_KEY,
@@ -92,6 +97,11 @@ RES_SHAPE = "H x W"
 IDLE, PREPARING, RUNNING, PAUSED, STOPPING = "idle", "preparing", "running", "paused", "stopping"
 _BUSY = (PREPARING, RUNNING, PAUSED, STOPPING)
 
+AUTO = "auto"
+"""Shown by a number box at its minimum, which stands for ``None`` (the core decides)."""
+_NAME_GEOMETRY = VolumeGeometry((2, 2, 2), (1.0, 1.0, 1.0))
+"""Any volume: view names do not depend on it (used to name views before a target is read)."""
+
 
 def _spin(low: int, high: int, value: int, tip: str = "") -> QSpinBox:
     box = QSpinBox()
@@ -109,6 +119,33 @@ def _float_spin(low: float, high: float, value: float, decimals: int, step: floa
     box.setValue(value)
     box.setToolTip(tip)
     return box
+
+
+def _auto_spin(auto: int, high: int, value: int | None, tip: str = "", auto_text: str = AUTO) -> QSpinBox:
+    """A number box whose minimum ``auto`` reads ``auto_text`` and stands for ``None``."""
+    box = _spin(auto, high, auto if value is None else value, tip)
+    box.setSpecialValueText(auto_text)
+    return box
+
+
+def _auto_value(box: QSpinBox) -> int | None:
+    """The number in an :func:`_auto_spin`, ``None`` at its minimum (auto)."""
+    return None if box.value() == box.minimum() else box.value()
+
+
+def _view_names(specs: list[str]) -> list[str]:
+    """The names the core gives the views ``specs`` (``30:15`` -> ``az30_el15``); raises on bad or repeated specs."""
+    return [view.name for view in make_views(specs, _NAME_GEOMETRY)]
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the non-NaN values; NaN if there are none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return math.fsum(kept) / len(kept) if kept else math.nan
+
+
+def _number(value: float, fmt: str, unit: str = "") -> str:
+    return "–" if math.isnan(value) else f"{value:{fmt}}{unit}"
 
 
 def _combo(items: list[str], current: str | None = None, tip: str = "") -> QComboBox:
@@ -252,6 +289,11 @@ class FitWidget(QWidget):
         self._images_dirty = False
         self._live: dict[str, Any] = {}
         self._last_step: StepEvent | None = None
+        self._gaussians = 0
+        """Gaussians in the model after the latest step (density control changes it)."""
+        self._budget = 0
+        self._density_note = ""
+        """The latest density change, for the status line."""
         self._progress: Any = None
         self._progress_n = 0
         self._last_refresh = 0.0
@@ -284,8 +326,11 @@ class FitWidget(QWidget):
         column.addWidget(self._build_target())
         column.addWidget(self._build_views())
         column.addWidget(self._build_model())
+        column.addWidget(self._build_density())
         column.addWidget(self._build_fit())
         column.addStretch(1)
+        self.iterations.valueChanged.connect(lambda _: self._update_densify_hint())
+        self._update_densify_hint()
         self.settings = settings
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -351,6 +396,13 @@ class FitWidget(QWidget):
 
     def _build_views(self) -> QGroupBox:
         group, form = self._form_group("Views")
+        self.default_views_check = QCheckBox(", ".join(VOLUME_VIEWS))
+        self.default_views_check.setChecked(FitInputs().view_specs is None)
+        self.default_views_check.setToolTip(
+            "The core's default views of a volume target: the axis MIPs and two oblique views, which fix depth "
+            "far better than the axis MIPs alone. Untick to choose the views."
+        )
+        self._row(form, "default views", self.default_views_check)
         axes = QWidget()
         axes_layout = QHBoxLayout(axes)
         axes_layout.setContentsMargins(0, 0, 0, 0)
@@ -360,11 +412,22 @@ class FitWidget(QWidget):
             check.setChecked(True)
             self.axis_checks[name] = check
             axes_layout.addWidget(check)
-        self._row(form, "axis views", axes)
+        self._axes_row = self._row(form, "axis views", axes)
         self.orbit_edit = QLineEdit()
         self.orbit_edit.setPlaceholderText("e.g. 30:15, 120:0")
         self.orbit_edit.setToolTip("Rotated views, azimuth:elevation in degrees, comma separated")
-        self._row(form, "orbit views", self.orbit_edit)
+        self._orbit_row = self._row(form, "orbit views", self.orbit_edit)
+        self.eval_edit = QLineEdit(", ".join(FitInputs().eval_specs))
+        self.eval_edit.setPlaceholderText("none; e.g. 30:20, 120:-15")
+        self.eval_edit.setToolTip(
+            "Held-out views (xy, xz, yz or azimuth:elevation, comma separated): rendered from the same volume and "
+            "scored when the fit ends, never trained on. They show how well the model fits views it was not "
+            "fitted to (volume targets only)."
+        )
+        self._row(form, "held-out views", self.eval_edit)
+        self.views_info = QLabel("")
+        self.views_info.setWordWrap(True)
+        form.addWidget(self.views_info)
         self.resolution_combo = _combo([RES_NATIVE, RES_FACTOR, RES_SHAPE], tip="Resolution of every view")
         self._row(form, "resolution", self.resolution_combo)
         self.factor_spin = _float_spin(1.0, 64.0, 2.0, 2, 0.5, "Downsampling factor (area averaging)")
@@ -380,6 +443,11 @@ class FitWidget(QWidget):
         self._shape_row = self._row(form, "H x W", shape)
         self.views_group = group
         self.resolution_combo.currentTextChanged.connect(lambda _: self._update_visibility())
+        self.default_views_check.toggled.connect(lambda _: self._update_visibility())
+        for check in self.axis_checks.values():
+            check.toggled.connect(lambda _: self._update_views_info())
+        self.orbit_edit.textChanged.connect(lambda _: self._update_views_info())
+        self.eval_edit.textChanged.connect(lambda _: self._update_views_info())
         return group
 
     def _build_model(self) -> QGroupBox:
@@ -388,8 +456,22 @@ class FitWidget(QWidget):
             [START_SCRATCH, START_CHECKPOINT, START_SWC, START_POINTS], tip="What the fit starts from"
         )
         self._row(form, "start", self.start_combo)
-        self.num_gaussians = _spin(1, 50_000_000, 2000, "Gaussians placed on bright voxels of the target")
-        self._gaussians_row = self._row(form, "Gaussians", self.num_gaussians)
+        inputs = FitInputs()
+        self.init_combo = _combo(
+            list(INITS),
+            inputs.init,
+            "foreground: Gaussians spread over the structure (from MIP targets: over points bright in all three "
+            "axis views); intensity: the seed design's draw by brightness, for comparison",
+        )
+        self._init_row = self._row(form, "placement", self.init_combo)
+        self.num_gaussians = _auto_spin(
+            0,
+            50_000_000,
+            inputs.num_gaussians,
+            "Gaussians to start with. auto: one per foreground cell, at most half the max Gaussians "
+            f"(placement 'intensity': {LEGACY_COUNT}). Density control changes the count during the fit.",
+        )
+        self._gaussians_row = self._row(form, "initial Gaussians", self.num_gaussians)
         self.checkpoint_file = _FileRow("checkpoint", "Checkpoints (*.pt *.pth);;All files (*)")
         self._checkpoint_row = self._row(form, "checkpoint", self.checkpoint_file)
         self.swc_file = _FileRow("SWC skeleton", "SWC (*.swc);;All files (*)")
@@ -400,6 +482,41 @@ class FitWidget(QWidget):
         self._row(form, "seed", self.seed_spin)
         self.start_combo.currentTextChanged.connect(lambda _: self._update_visibility())
         return group
+
+    def _build_density(self) -> QGroupBox:
+        defaults = FitConfig()
+        group, form = self._form_group("Density control")
+        self.densify_check = QCheckBox("add and remove Gaussians during the fit")
+        self.densify_check.setChecked(defaults.densify)
+        self.densify_check.setToolTip(
+            "Every few steps, spawn Gaussians where the target shows structure the render misses, clone or split "
+            "Gaussians that the fit pulls hard, and prune faint ones (within the max Gaussians)"
+        )
+        form.addWidget(self.densify_check)
+        self.densify_every = _spin(1, 10_000_000, defaults.densify_every, "Steps between density checks")
+        self._densify_every_row = self._row(form, "every", self.densify_every)
+        self.densify_until = _auto_spin(
+            -1, 10_000_000, defaults.densify_until, "Last step at which density control acts (auto: 3/4 of the fit)"
+        )
+        self._densify_until_row = self._row(form, "until step", self.densify_until)
+        budgets = ", ".join(f"{device} {count:,}" for device, count in DEFAULT_BUDGET.items())
+        self.max_gaussians = _auto_spin(
+            0,
+            50_000_000,
+            defaults.max_gaussians,
+            f"Most Gaussians the model may have (also bounds an automatic initial count). auto: {budgets} (the "
+            "CPU budget bounds the initial count)",
+            f"{AUTO} (device default)",
+        )
+        self._row(form, "max Gaussians", self.max_gaussians)
+        self.densify_check.toggled.connect(lambda _: self._update_visibility())
+        self.density_group = group
+        return group
+
+    def _update_densify_hint(self) -> None:
+        """Name the step that ``auto`` stands for with the current number of iterations."""
+        last = FitConfig(iterations=self.iterations.value()).last_densify
+        self.densify_until.setSpecialValueText(f"{AUTO} (step {last})")
 
     def _build_fit(self) -> QGroupBox:
         defaults = FitConfig()
@@ -427,6 +544,26 @@ class FitWidget(QWidget):
         self._row(form, "output", self.out_folder)
         self.save_every = _spin(1, 10_000_000, defaults.save_every, "Checkpoint interval when an output folder is set")
         self._row(form, "save every", self.save_every)
+        advanced = QCollapsible("Advanced")
+        advanced.setToolTip("Learning rates of the Gaussians' shapes and brightness")
+        advanced_form = QVBoxLayout()
+        advanced_form.setSpacing(3)
+        advanced_form.setContentsMargins(0, 0, 0, 0)
+        self.lr_scales = _float_spin(1e-7, 1.0, defaults.lr_scales, 6, 1e-3, "Adam learning rate of the log-scales")
+        self._row(advanced_form, "lr scales", self.lr_scales)
+        self.lr_rotations = _float_spin(
+            1e-7, 1.0, defaults.lr_rotations, 6, 1e-3, "Adam learning rate of the rotations (quaternions)"
+        )
+        self._row(advanced_form, "lr rotations", self.lr_rotations)
+        self.lr_amplitudes = _float_spin(
+            1e-7, 1.0, defaults.lr_amplitudes, 6, 1e-3, "Adam learning rate of the log-amplitudes"
+        )
+        self._row(advanced_form, "lr amplitudes", self.lr_amplitudes)
+        rates = QWidget()
+        rates.setLayout(advanced_form)
+        advanced.addWidget(rates)
+        self.advanced = advanced
+        form.addWidget(advanced)
         self.residual_check = QCheckBox("residual layers")
         self.residual_check.setToolTip("Also show rendered - target for each view")
         self.snapshot_check = QCheckBox("Gaussians layer when done")
@@ -640,8 +777,10 @@ class FitWidget(QWidget):
         return mips
 
     # ================================================================ settings
-    def view_specs(self) -> list[str]:
-        """Views to fit: the ticked axis views, then the orbit views."""
+    def view_specs(self) -> list[str] | None:
+        """Views to fit: ``None`` for the core's default views, else the ticked axis views, then the orbit views."""
+        if self.default_views_check.isChecked():
+            return None
         specs = [name for name, check in self.axis_checks.items() if check.isChecked()]
         text = self.orbit_edit.text().strip()
         if text:
@@ -649,6 +788,40 @@ class FitWidget(QWidget):
         if not specs:
             raise ValueError("tick at least one axis view or give an orbit view (AZ:EL)")
         return specs
+
+    def eval_specs(self) -> list[str]:
+        """Held-out views as entered (empty: none), validated and checked against the views to fit.
+
+        Raises
+        ------
+        ValueError
+            An unknown or repeated held-out view, or one that is also trained on.
+        """
+        text = self.eval_edit.text().strip()
+        if not text:
+            return []
+        try:
+            specs = parse_view_specs(text)
+            names = _view_names(specs)
+        except ValueError as error:
+            raise ValueError(f"held-out views: {error}") from None
+        trained = self.view_specs()
+        both = sorted(set(names) & set(_view_names(list(VOLUME_VIEWS) if trained is None else trained)))
+        if both:
+            raise ValueError(f"held-out views {both} are also fitted; a held-out view must not be trained on")
+        return specs
+
+    def _update_views_info(self) -> None:
+        """Say which views will be fitted and held out, or what is wrong with them."""
+        try:
+            trained = self.view_specs()
+            fitted = _view_names(list(VOLUME_VIEWS) if trained is None else trained)
+            held = _view_names(self.eval_specs()) if self.eval_edit.text().strip() else []
+        except ValueError as error:
+            self.views_info.setText(f"<span style='color:#e05050'>{error}</span>")
+            return
+        text = f"fits {', '.join(fitted)}"
+        self.views_info.setText(text + (f"; holds out {', '.join(held)}" if held else ""))
 
     def resolution(self) -> float | tuple[int, int] | None:
         """The view resolution: ``None`` (native), a factor, or ``(H, W)``."""
@@ -672,9 +845,12 @@ class FitWidget(QWidget):
             resolution=self.resolution(),
             normalize=self.normalize_combo.currentText(),
             voxel_size=self.voxel_size(),
-            num_gaussians=self.num_gaussians.value(),
+            num_gaussians=_auto_value(self.num_gaussians),
+            max_gaussians=_auto_value(self.max_gaussians),
+            init=self.init_combo.currentText(),
             seed=self.seed_spin.value(),
         )
+        # MIP targets fix their own views (the Views group is disabled): only a volume has views to hold out.
         if self.source_combo.currentText() == SOURCE_LAYER:
             layer = self._target_layer()
             if _data_ndim(layer.data) == 2:
@@ -685,6 +861,7 @@ class FitWidget(QWidget):
                 extra = _data_ndim(layer.data) - 3
                 indices = [spin.value() for spin in self.index_spins[:extra]]
                 inputs.volume = leading_volume(layer.data, indices)
+                inputs.eval_specs = self.eval_specs()
         else:
             path = self.tiff_file.text()
             if not path:
@@ -693,6 +870,7 @@ class FitWidget(QWidget):
                 inputs.target_mips = path
             else:
                 inputs.target = path
+                inputs.eval_specs = self.eval_specs()
                 channel, time_point = (spin.value() for spin in self.index_spins)
                 inputs.channel = channel if channel >= 0 else None
                 inputs.time = time_point if time_point >= 0 else None
@@ -735,6 +913,9 @@ class FitWidget(QWidget):
         return FitConfig(
             iterations=self.iterations.value(),
             lr=self.lr_spin.value(),
+            lr_scales=self.lr_scales.value(),
+            lr_rotations=self.lr_rotations.value(),
+            lr_amplitudes=self.lr_amplitudes.value(),
             lambda_mse=self.lambda_mse.value(),
             lambda_ssim=self.lambda_ssim.value(),
             mode=self.mode_combo.currentText(),
@@ -745,6 +926,10 @@ class FitWidget(QWidget):
             save_every=self.save_every.value(),
             seed=self.seed_spin.value(),
             out=self.out_folder.text() or None,
+            densify=self.densify_check.isChecked(),
+            densify_every=self.densify_every.value(),
+            densify_until=_auto_value(self.densify_until),
+            max_gaussians=_auto_value(self.max_gaussians),
         )
 
     def _update_visibility(self) -> None:
@@ -781,11 +966,19 @@ class FitWidget(QWidget):
         self._mip_view_row.setVisible(layer_source and mips)
         # MIP targets fix their own views and resolution.
         self.views_group.setEnabled(not mips)
+        custom_views = not self.default_views_check.isChecked()
+        self._axes_row.setVisible(custom_views)
+        self._orbit_row.setVisible(custom_views)
+        self._update_views_info()
         resolution = self.resolution_combo.currentText()
         self._factor_row.setVisible(resolution == RES_FACTOR)
         self._shape_row.setVisible(resolution == RES_SHAPE)
         start = self.start_combo.currentText()
         self._gaussians_row.setVisible(start == START_SCRATCH)
+        self._init_row.setVisible(start == START_SCRATCH)
+        densify = self.densify_check.isChecked()
+        self._densify_every_row.setEnabled(densify)
+        self._densify_until_row.setEnabled(densify)
         self._checkpoint_row.setVisible(start == START_CHECKPOINT)
         self._swc_row.setVisible(start == START_SWC)
         self._points_row.setVisible(start == START_POINTS)
@@ -820,7 +1013,10 @@ class FitWidget(QWidget):
         self._trainer = None
         self._images = None
         self._last_step = None
+        self._gaussians = self._budget = 0
+        self._density_note = ""
         self.summary_label.setText("")
+        self.summary_label.setToolTip("")
         self.backend_label.setText("backend: preparing…")
         self.status_label.setText("preparing the targets and the initial model…")
         self.loss_plot.reset(config.iterations)
@@ -899,7 +1095,13 @@ class FitWidget(QWidget):
         if update is None:
             self._run_ended()
         elif isinstance(update, StepEvent):
+            if update.density is not None:
+                self._density_note = (
+                    f"density control at step {update.iteration}: {update.density} "
+                    f"({self._gaussians:,} → {update.num_gaussians:,} Gaussians)"
+                )
             self._last_step = update
+            self._gaussians = update.num_gaussians
             self.loss_plot.append(update.terms["loss"])
             if update.images is not None:
                 self._set_images(update.images, update.iteration)
@@ -921,6 +1123,9 @@ class FitWidget(QWidget):
         self._trainer = ready.trainer
         self._views = list(ready.trainer.targets.views)
         self._targets = ready.trainer.targets.images
+        # The worker waits for the viewer now, so the model is not changing under us.
+        self._gaussians = ready.trainer.model.num_gaussians
+        self._budget = ready.trainer.budget
         self.backend_label.setText(ready.description)
         self.backend_label.setToolTip("\n".join(ready.notes))
         total = ready.trainer.config.iterations
@@ -934,7 +1139,9 @@ class FitWidget(QWidget):
             self._set_state(RUNNING)
         else:
             self._set_state(self._state)
-        self.status_label.setText(f"showing the targets of {', '.join(v.name for v in self._views)}…")
+        self.status_label.setText(
+            f"showing the targets of {', '.join(v.name for v in self._views)} ({self._gaussians:,} Gaussians)…"
+        )
         self._show_live_layers([np.zeros_like(t) for t in self._targets])
 
     def _set_images(self, images: list[np.ndarray], iteration: int) -> None:
@@ -961,36 +1168,38 @@ class FitWidget(QWidget):
             remaining = (step.total - step.iteration) / step.its_per_second if step.its_per_second > 0 else np.inf
             paused = " (paused)" if self._state == PAUSED else ""
             self.status_label.setText(
-                f"iteration {step.iteration}/{step.total}{paused} · {step.its_per_second:.1f} it/s · "
-                f"loss {step.terms['loss']:.4g} · elapsed {_format_seconds(step.elapsed)} · "
-                f"remaining {_format_seconds(remaining)}"
+                f"iteration {step.iteration}/{step.total}{paused} · {self._gaussians_text()} · "
+                f"{step.its_per_second:.1f} it/s · loss {step.terms['loss']:.4g} · "
+                f"elapsed {_format_seconds(step.elapsed)} · remaining {_format_seconds(remaining)}"
+                + (f"\n{self._density_note}" if self._density_note else "")
             )
             bar = self._progress
             if bar is not None and step.iteration > self._progress_n:
                 # napari's progress may process events (re-entering this widget), so update it last.
                 delta, self._progress_n = step.iteration - self._progress_n, step.iteration
-                bar.set_description(f"Fit MIP {step.its_per_second:.1f} it/s")
+                bar.set_description(f"Fit MIP {step.its_per_second:.1f} it/s, {step.num_gaussians:,} Gaussians")
                 bar.update(delta)
         self.loss_plot.update()
         self.export_button.setEnabled(self._images is not None)
+
+    def _gaussians_text(self) -> str:
+        """``"1,234 Gaussians"``, with the most density control may add where it is on."""
+        trainer = self._trainer
+        limit = f" (max {self._budget:,})" if trainer is not None and trainer.config.densify and self._budget else ""
+        return f"{self._gaussians:,} Gaussians{limit}"
 
     def _on_finished(self, event: FinishedEvent) -> None:
         from napari.utils.notifications import show_info
 
         self._set_images(event.images, event.iteration)
+        self._gaussians = event.num_gaussians
         self._refresh_timer.stop()
         self._refresh()
-        rows = "".join(
-            f"<tr><td>{view}</td><td align='right'>{m['psnr']:.2f} dB</td><td align='right'>{m['ssim']:.4f}</td></tr>"
-            for view, m in event.metrics.items()
-        )
         how = "stopped" if event.stopped else "finished"
-        self.summary_label.setText(
-            f"<b>{how} at iteration {event.iteration}</b>"
-            f"<table cellpadding='2'><tr><th align='left'>view</th><th>PSNR</th><th>SSIM</th></tr>{rows}</table>"
-        )
-        line = ", ".join(f"{v} {m['psnr']:.1f} dB / {m['ssim']:.3f}" for v, m in event.metrics.items())
-        show_info(f"Fit MIP {how} at iteration {event.iteration}: PSNR / SSIM {line}")
+        self.summary_label.setText(_summary_html(event, how))
+        # The same numbers as the command line prints, with the share of foreground pixels.
+        self.summary_label.setToolTip(f"<pre>{html.escape(format_table(event.metrics, event.held_out))}</pre>")
+        show_info(_summary_line(event, how))
         if event.path is not None:
             self.backend_label.setToolTip(f"final model: {event.path}")
         self.fit_finished.emit(event)
@@ -1047,7 +1256,12 @@ class FitWidget(QWidget):
                 return
             if added[0]:
                 self.viewer.reset_view()
-            self.status_label.setText(f"fitting {', '.join(v.name for v in self._views)}…")
+            held = self._trainer.held_out if self._trainer is not None else []
+            self.status_label.setText(
+                f"fitting {', '.join(v.name for v in self._views)} with {self._gaussians_text()}"
+                + (f"; holding out {', '.join(held)}" if held else "")
+                + "…"
+            )
             if control is not None:
                 control.viewer_ready()
 
@@ -1070,15 +1284,21 @@ class FitWidget(QWidget):
         return right + 0.1 * widest
 
     def _add_or_update(self, data: Any, kwargs: dict[str, Any], layer_type: str) -> bool:
-        """Update the layer of that name in place (keeping the user's display settings), else add it."""
-        from napari.layers import Layer
+        """Update the layer of that name in place (keeping the user's display settings), else add it.
+
+        A Points layer of Gaussians may come back with another number of points (density control adds
+        and removes Gaussians): its data are set first, then the per-point properties of the new length.
+        """
+        from napari.layers import Image, Layer, Points
 
         name = kwargs["name"]
         existing = self.viewer.layers[name] if name in self.viewer.layers else None
         ndim = np.shape(data)[1] if layer_type == "points" else np.ndim(data)
-        if existing is not None and existing._type_string == layer_type and existing.ndim == ndim:
+        kind = {"image": Image, "points": Points}[layer_type]
+        # isinstance, not the layer's class: napari hands plugins its layers behind a proxy.
+        if existing is not None and isinstance(existing, kind) and existing.ndim == ndim:
             existing.data = data
-            for key in ("scale", "translate", "metadata", "features", "size", "face_color"):
+            for key in ("scale", "translate", "metadata", "features", "size", "face_contrast_limits", "face_color"):
                 if key in kwargs:
                     setattr(existing, key, kwargs[key])
             self._live[name] = existing
@@ -1159,6 +1379,77 @@ class FitWidget(QWidget):
 
 
 # ====================================================================== helpers
+_SUMMARY_COLUMNS = (
+    # (header, metrics key, format)
+    ("PSNR", "psnr", ".2f"),
+    ("fg PSNR", "fg_psnr", ".2f"),
+    ("recall", "recall", ".3f"),
+    ("SSIM", "ssim", ".4f"),
+)
+
+
+def _groups(event: FinishedEvent) -> list[tuple[str, list[str]]]:
+    """``[("trained", names), ("held-out", names)]``, leaving out an empty group."""
+    held = set(event.held_out)
+    groups = [
+        ("trained", [v for v in event.metrics if v not in held]),
+        ("held-out", [v for v in event.metrics if v in held]),
+    ]
+    return [(group, names) for group, names in groups if names]
+
+
+def _summary_html(event: FinishedEvent, how: str) -> str:
+    """The finish summary: a row of scores per view (held-out views marked), then the mean of each group."""
+    groups = _groups(event)
+    marked = len(groups) > 1 or bool(event.held_out)
+
+    def row(name: str, group: str, values: list[float], bold: bool = False) -> str:
+        cell = "<td style='font-weight:bold'" if bold else "<td"
+        texts = [f"{cell}>{c}</td>" for c in [name, *([group] if marked else [])]]
+        texts += [f"{cell} align='right'>{_number(v, fmt)}</td>" for v, (_, _, fmt) in zip(values, _SUMMARY_COLUMNS)]
+        return f"<tr>{''.join(texts)}</tr>"
+
+    header = "".join(
+        [
+            "<th align='left'>view</th>",
+            *(["<th align='left'>set</th>"] if marked else []),
+            *(f"<th align='right'>{title}</th>" for title, _, _ in _SUMMARY_COLUMNS),
+        ]
+    )
+    rows = [
+        row(name, group, [float(event.metrics[name].get(key, math.nan)) for _, key, _ in _SUMMARY_COLUMNS])
+        for group, names in groups
+        for name in names
+    ]
+    if sum(len(names) for _, names in groups) > 1:
+        for group, names in groups:
+            means = [
+                _mean([float(event.metrics[n].get(key, math.nan)) for n in names]) for _, key, _ in _SUMMARY_COLUMNS
+            ]
+            rows.append(row("mean", group, means, bold=True))
+    return (
+        f"<b>{how} at iteration {event.iteration}</b> · {event.num_gaussians:,} Gaussians"
+        f"<table cellpadding='2'><tr>{header}</tr>{''.join(rows)}</table>"
+        "PSNRs in dB; fg: over the target's foreground; recall: share of the foreground rendered at half its "
+        "brightness or more"
+    )
+
+
+def _summary_line(event: FinishedEvent, how: str) -> str:
+    """One short line for the notification: the mean scores of the trained and of the held-out views."""
+
+    def means(names: list[str]) -> str:
+        psnr, fg_psnr, recall = (
+            _mean([float(event.metrics[n].get(k, math.nan)) for n in names]) for k in ("psnr", "fg_psnr", "recall")
+        )
+        return (
+            f"PSNR {_number(psnr, '.1f', ' dB')}, fg {_number(fg_psnr, '.1f', ' dB')}, recall {_number(recall, '.2f')}"
+        )
+
+    parts = [f"{group} {means(names)}" if group == "held-out" else means(names) for group, names in _groups(event)]
+    return f"Fit MIP {how} at iteration {event.iteration}, {event.num_gaussians:,} Gaussians: {'; '.join(parts)}"
+
+
 def _data_shape(data: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in full_resolution(data).shape)
 

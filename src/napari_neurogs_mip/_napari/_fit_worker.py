@@ -45,7 +45,11 @@ class Ready:
     ----------
     trainer
         The trainer (its control and save methods are safe from any thread);
-        ``trainer.targets`` holds the target views and their normalised images.
+        ``trainer.targets`` holds the target views and their normalised images,
+        ``trainer.held_out`` the names of the held-out views (scored at the end,
+        never trained on), ``trainer.budget`` the most Gaussians density control
+        may reach.  The number of Gaussians changes during the fit (see
+        ``StepEvent.num_gaussians``).
     notes
         What was loaded, for the user.
     description
@@ -79,7 +83,9 @@ class Failed:
         """One line for a notification."""
         text = f"Fit MIP failed while {self.stage}: {type(self.error).__name__}: {self.error}"
         if _out_of_memory(self.error):
-            text += " (lower the number of Gaussians, the resolution or the views, or use the CPU)"
+            text += (
+                " (lower the initial or the maximum number of Gaussians, the resolution or the views, or use the CPU)"
+            )
         return text
 
 
@@ -168,7 +174,7 @@ def fit_events(inputs: FitInputs, config: FitConfig, control: FitControl, snapsh
         stage = "setting up the trainer"
         with _warm_lock:
             pass  # a warm-up still loading the kernels finishes first (no point in racing it)
-        trainer = Trainer(prepared.model, prepared.targets, config, prepared.checkpoint)
+        trainer = Trainer(prepared.model, prepared.targets, config, prepared.checkpoint, prepared.eval_targets)
         # Before the first step, so that a pause or stop asked for while preparing holds it.
         control.attach(trainer)
         yield Ready(

@@ -17,7 +17,8 @@ from ..setup import FitInputs, prepare_fit
 from ._layers import LayerDataTuple, model_to_points, volume_image
 
 SAMPLE_GAUSSIANS = 2000
-"""Gaussians in the sample's initial model (the command line's default)."""
+"""Gaussians in the sample's initial model: a fixed count (the seed design's), so the sample stays the same
+whatever the core's automatic count (one per foreground cell) becomes."""
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +39,7 @@ def sample_neuron() -> list[LayerDataTuple]:
 
 
 def sample_initial_model(num_gaussians: int = SAMPLE_GAUSSIANS) -> list[LayerDataTuple]:
-    """An initial model for the sample neuron: Gaussians on its bright voxels, as a Points layer.
+    """An initial model for the sample neuron: Gaussians spread over its foreground, as a Points layer.
 
     The intensities are normalised with the same rule as a fit's targets
     (``background``), so the amplitudes are what a fit would start from.  Saving

@@ -76,6 +76,8 @@ class Checkpoint:
         when loaded for the volume the fit ran on.
     iteration
         Iteration the file was written at (0 when unknown).
+    density_state
+        Density-control statistics of the fit (ours only, with ``fit_model``), for exact resuming.
     """
 
     model: GaussianModel
@@ -85,6 +87,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     fit_model: GaussianModel | None = None
     iteration: int = 0
+    density_state: dict[str, torch.Tensor] | None = None
 
 
 def _read(path: Path) -> Any:
@@ -184,6 +187,9 @@ def load_checkpoint(path: str | os.PathLike, geometry: VolumeGeometry | None = N
         checkpoint.fit_model = GaussianModel(**{n: fit[n].float() for n in PARAMETER_NAMES}, frame=Frame.PHYSICAL,
                                              geometry=geometry)  # fmt: skip
         checkpoint.optimizer_state = data.get("optimizer_state_dict")
+        density = data.get("density_state")
+        if isinstance(density, dict) and all(isinstance(t, torch.Tensor) for t in density.values()):
+            checkpoint.density_state = density
     return checkpoint
 
 
@@ -236,6 +242,7 @@ def save_checkpoint(
     iteration: int = 0,
     loss: float | None = None,
     extra: dict[str, Any] | None = None,
+    density_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (in its own frame) with metadata, atomically.
 
@@ -251,6 +258,8 @@ def save_checkpoint(
         Progress of the fit.
     extra
         Plain-typed metadata (views, config, seed, loss history, normalisation, ...).
+    density_state
+        Per-Gaussian density-control statistics (tensors), for exact resuming.
     """
     from .. import __version__
 
@@ -279,6 +288,8 @@ def save_checkpoint(
         payload["fit_state"] = {n: t.detach().cpu().float().contiguous() for n, t in fit_model.tensors().items()}
     if optimizer_state is not None:
         payload["optimizer_state_dict"] = _to_cpu(optimizer_state)
+    if density_state:
+        payload["density_state"] = _to_cpu(density_state)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
