@@ -36,16 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datasets import DatasetUnavailableError, nuclei, swc_neuron  # noqa: E402
+from datasets import DatasetUnavailableError, nuclei, swc_neuron
 
-from napari_neurogs_mip.frames import Frame, VolumeGeometry  # noqa: E402
-from napari_neurogs_mip.metrics import format_table, score  # noqa: E402
-from napari_neurogs_mip.render import Renderer  # noqa: E402
-from napari_neurogs_mip.sample import synthetic_sample  # noqa: E402
-from napari_neurogs_mip.setup import FitInputs, prepare_fit  # noqa: E402
-from napari_neurogs_mip.targets import Normalization, Targets, targets_for_views  # noqa: E402
-from napari_neurogs_mip.train import FinishedEvent, FitConfig, Trainer  # noqa: E402
-from napari_neurogs_mip.views import AXIS_VIEWS  # noqa: E402
+from napari_neurogs_mip.frames import Frame, VolumeGeometry
+from napari_neurogs_mip.metrics import foreground_mask, format_table, score
+from napari_neurogs_mip.render import Renderer
+from napari_neurogs_mip.sample import synthetic_sample
+from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.targets import Normalization, Targets, targets_for_views
+from napari_neurogs_mip.train import FinishedEvent, FitConfig, Trainer
+from napari_neurogs_mip.views import AXIS_VIEWS
 
 HELD_OUT = ["30:20", "120:-15"]
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -99,14 +99,19 @@ def clean_targets(dataset: Dataset, targets: Targets) -> Targets | None:
     if dataset.clean is None:
         return None
     fixed = Normalization("fixed", low=targets.low, high=targets.high)
-    return targets_for_views(dataset.clean, dataset.geometry, targets.views, fixed)
+    return targets_for_views(dataset.clean, dataset.geometry, targets.views, fixed, targets.view_lows)
 
 
-def scores(renderer: Renderer, model_physical, targets: Targets) -> dict[str, dict[str, float]]:
-    """:func:`score` of every view of ``targets``."""
+def scores(
+    renderer: Renderer, model_physical, targets: Targets, foregrounds: list[np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """:func:`score` of every view of ``targets`` over the given foregrounds."""
     with torch.no_grad():
         images = renderer.render(model_physical, targets.views)
-    return {v.name: score(i, t) for v, i, t in zip(targets.views, images, targets.tensors(renderer.device))}
+    return {
+        v.name: score(i, t, f)
+        for v, i, t, f in zip(targets.views, images, targets.tensors(renderer.device), foregrounds)
+    }
 
 
 def run(dataset: Dataset, variant: Variant, iterations: int, pictures: Path | None) -> None:
@@ -146,21 +151,25 @@ def run(dataset: Dataset, variant: Variant, iterations: int, pictures: Path | No
         dataset.geometry,
         prepared.targets.low,
         prepared.targets.high,
+        view_lows=[*prepared.targets.view_lows, *prepared.eval_targets.view_lows],
     )
+    # The foreground is that of the fitted (noisy) targets: a noise-free image's background level cannot be
+    # estimated from its pixels (blur tails look like noise), and the data define what counts as structure.
+    foregrounds = [foreground_mask(image, dilate=0) for image in everything.images]
     clean = clean_targets(dataset, everything)
     if clean is not None:
         print("against the noise-free volume's MIPs:")
-        print(format_table(scores(trainer.renderer, model, clean), held))
+        print(format_table(scores(trainer.renderer, model, clean, foregrounds), held))
         floor = {
-            v.name: score(c, n)
-            for v, c, n in zip(clean.views, clean.tensors("cpu"), everything.tensors("cpu"))
+            v.name: score(c, n, f)
+            for v, c, n, f in zip(clean.views, clean.tensors("cpu"), everything.tensors("cpu"), foregrounds)
         }
         print("noise floor (noise-free MIPs scored against the noisy ones):")
         print(format_table(floor, held))
     reference = clean or everything
     hard = dataclasses.replace(trainer.renderer, mode="max")
-    soft_scores = scores(trainer.renderer, model, reference)
-    hard_scores = scores(hard, model, reference)
+    soft_scores = scores(trainer.renderer, model, reference, foregrounds)
+    hard_scores = scores(hard, model, reference, foregrounds)
     print("soft (fitted) vs hard MIP of the same model, PSNR dB: " + ", ".join(
         f"{n} {soft_scores[n]['psnr']:.2f}/{hard_scores[n]['psnr']:.2f}" for n in soft_scores
     ))  # fmt: skip

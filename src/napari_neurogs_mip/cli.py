@@ -60,7 +60,7 @@ def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The argument parser of ``neurogs-mip`` and its sub-command parsers by name."""
     from .device import DEVICES
-    from .render import BACKENDS, MODES
+    from .render import BACKENDS, DEFAULT_BETA, MODES
     from .train import SCHEDULES
 
     parser = argparse.ArgumentParser(prog="neurogs-mip", description=__doc__.split("\n\n")[0])
@@ -114,9 +114,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     fit.add_argument("--lambda_ssim", type=float, default=0.1)
     fit.add_argument("--lambda_l1", type=float, default=0.0)
     fit.add_argument("--mode", default="soft", choices=MODES)
-    fit.add_argument("--beta", type=float, default=50.0, help="soft-MIP sharpness, 1/intensity")
+    fit.add_argument("--beta", type=_positive_float, default=DEFAULT_BETA, help="soft-MIP sharpness, 1/intensity")
     fit.add_argument("--eps", type=float, default=0.3, help="pixel filter, px^2")
-    fit.add_argument("--schedule", default="none", choices=SCHEDULES)
+    fit.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="learning-rate decay to 0.1x over the fit")
     fit.add_argument("--device", default="auto", choices=DEVICES)
     fit.add_argument("--backend", default="auto", choices=BACKENDS)
     fit.add_argument("--save-every", type=_positive_int, default=500)
@@ -313,9 +313,11 @@ def _render(args: argparse.Namespace) -> int:
 
 def _render_settings(args: argparse.Namespace, metadata: dict[str, Any]) -> tuple[str, float]:
     """Mode and beta: the flags, else what the checkpoint was fitted with, else the exact field MIP."""
+    from .render import DEFAULT_BETA
+
     fitted = metadata.get("renderer") if isinstance(metadata.get("renderer"), dict) else {}
     mode = args.mode or fitted.get("mode") or "field"
-    beta = args.beta or float(fitted.get("beta", 50.0))
+    beta = args.beta or float(fitted.get("beta", DEFAULT_BETA))
     source = "flags" if args.mode else ("the checkpoint" if fitted.get("mode") else "default: field")
     print(f"render mode {mode}" + (f", beta {beta:g}" if mode == "soft" else "") + f" ({source})")
     return mode, beta
@@ -351,12 +353,19 @@ def _eval(args: argparse.Namespace) -> int:
         held = [View.from_dict(v) for v in metadata.get("eval_views", [])] if same_volume else []
     stored = metadata.get("normalization") if isinstance(metadata.get("normalization"), dict) else {}
     if "low" in stored and "high" in stored:
-        normalization = Normalization("fixed", low=float(stored["low"]), high=float(stored["high"]))
+        normalization = Normalization(
+            "fixed", low=float(stored["low"]), high=float(stored["high"]),
+            view_background=bool(stored.get("view_background", False)),
+        )  # fmt: skip
         print(f"normalisation of the fit: [{float(stored['low']):.6g}, {float(stored['high']):.6g}]")
     else:
         normalization = Normalization()
     trained = [v for v in trained if v.name not in {h.name for h in held}]
-    targets = targets_for_views(read.data, geometry, [*trained, *held], normalization)
+    views = [*trained, *held]
+    # The fit's own per-view background levels where it recorded them (same views, same volume).
+    known = stored.get("view_lows") if isinstance(stored.get("view_lows"), dict) else {}
+    lows = [float(known[v.name]) for v in views] if same_volume and all(v.name in known for v in views) else None
+    targets = targets_for_views(read.data, geometry, views, normalization, lows)
     device, note = resolve_device(args.device)
     mode, beta = _render_settings(args, metadata)
     renderer = Renderer.create(device, args.backend, mode, beta)

@@ -31,7 +31,7 @@ import torch
 
 from .model import GaussianModel, quaternion_to_rotation, rotation_to_quaternion
 from .render.project import Projection, project_model
-from .render.raster_torch import enumerate_pairs
+from .render.raster_torch import pair_values
 from .targets import Targets
 from .views import View
 
@@ -212,23 +212,8 @@ def _chunks(projection: Projection) -> list[tuple[int, int]]:
 
 def _pair_values(projection: Projection, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Gaussian index, flat pixel index, value) of every pair reaching a pixel, Gaussians ``start:stop``."""
-    from .render.project import CUTOFF_SIGMA
-    from .render.raster_torch import pixel_offsets
-
-    part = _slice(projection, start, stop)
-    count = stop - start
-    pair, view, x, y = enumerate_pairs(part)
-    offsets = torch.tensor(pixel_offsets(projection.shapes), device=x.device)
-    widths = torch.tensor([w for _, w in projection.shapes], device=x.device)
-    means2d = part.means2d.reshape(-1, 2)[pair]
-    conics = part.conics.reshape(-1, 3)[pair]
-    dx = x.to(means2d.dtype) - means2d[:, 0]
-    dy = y.to(means2d.dtype) - means2d[:, 1]
-    q = conics[:, 0] * dx * dx + 2 * conics[:, 1] * dx * dy + conics[:, 2] * dy * dy
-    inside = q <= CUTOFF_SIGMA**2
-    value = part.amplitudes.reshape(-1)[pair[inside]] * torch.exp(-0.5 * q[inside])
-    pixel = offsets[view[inside]] + y[inside] * widths[view[inside]] + x[inside]
-    return start + pair[inside] % count, pixel, value
+    pair, pixel, value = pair_values(_slice(projection, start, stop))
+    return start + pair % (stop - start), pixel, value
 
 
 @torch.no_grad()
@@ -278,10 +263,12 @@ def residual_pixels(
 
     A pixel asks when the target is above ``level`` (its view's background level)
     and the render falls short of it by more than ``RESIDUAL_SHARE`` of the
-    target; of each ``cell x cell`` block only the largest residual is kept.
+    target and by more than ``level`` (a shortfall that noise alone would not
+    give: on noisy stacks, spawning on smaller ones fitted the noise of the
+    long-ray views); of each ``cell x cell`` block only the largest residual is kept.
     """
     residual = target - rendered
-    wanted = (target > level) & (residual > RESIDUAL_SHARE * target)
+    wanted = (target > level) & (residual > RESIDUAL_SHARE * target) & (residual > level)
     rows, cols = _cell_maxima(residual, wanted, cell)
     values = residual[rows, cols]
     order = torch.argsort(values, descending=True, stable=True)

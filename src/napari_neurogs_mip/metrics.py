@@ -224,6 +224,14 @@ def foreground_level(
     return _level(_as_numpy(target), k, floor)[0]
 
 
+def background_centre(image: np.ndarray | torch.Tensor) -> float:
+    """The background intensity of an image (raw or normalised), as :func:`foreground_level` estimates it.
+
+    Unlike the median, it stays on the background when structure (e.g. nuclei) covers most of the image.
+    """
+    return _background(image, FOREGROUND_K)[0]
+
+
 def _level(values: np.ndarray, k: float, floor: float) -> tuple[float, float]:
     """:func:`foreground_level` and the background centre it is measured from."""
     centre, sigma = _background(values, k)
@@ -284,13 +292,18 @@ def _dilated(mask: np.ndarray, radius: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=rows**2 + cols**2 <= radius**2)
 
 
-def score(rendered: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> dict[str, float]:
+def score(
+    rendered: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, foreground: np.ndarray | None = None
+) -> dict[str, float]:
     """Whole-image and foreground metrics of one rendered view against its target.
 
     Parameters
     ----------
     rendered, target
         [H, W] images in [0, 1] (numpy arrays or tensors on any device).
+    foreground
+        bool [H, W] undilated foreground to use instead of ``target``'s own (e.g. that of the noisy
+        target when scoring against a noise-free one, whose background level cannot be told from the data).
 
     Returns
     -------
@@ -321,7 +334,9 @@ def score(rendered: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor
     if r.shape != t.shape or r.ndim != 2:
         raise ValueError(f"score needs two [H, W] images of one shape, got {tuple(r.shape)} and {tuple(t.shape)}")
     rn, tn = r.numpy(), t.numpy()
-    fg = _foreground(tn)
+    fg = _foreground(tn) if foreground is None else np.asarray(foreground, dtype=bool)
+    if fg.shape != tn.shape:
+        raise ValueError(f"the foreground mask has shape {fg.shape}, the images {tn.shape}")
     fg_dilated = _dilated(fg, 2)
     if fg.any():
         error = float(np.mean((rn[fg_dilated] - tn[fg_dilated]) ** 2))

@@ -161,7 +161,10 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         volume = voxelize(physical).detach().numpy()
         field_peak = max(1.0, float(volume.max()))
         targets = targets_from_volume(
-            volume, geometry, inputs.view_specs or list(AXIS_VIEWS), inputs.resolution,
+            volume,
+            geometry,
+            inputs.view_specs or list(AXIS_VIEWS),
+            inputs.resolution,
             Normalization("fixed", low=0.0, high=field_peak),
         )
         notes.append(
@@ -177,7 +180,8 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     if inputs.eval_specs:
         if volume is None:
             raise ValueError("held-out views (--eval-views) need a volume target to render them from")
-        fixed = Normalization("fixed", low=targets.low, high=targets.high)
+        per_view = targets.normalization.per_view
+        fixed = Normalization("fixed", low=targets.low, high=targets.high, view_background=per_view)
         eval_targets = targets_from_volume(volume, geometry, inputs.eval_specs, inputs.resolution, fixed)
         notes.append(f"held-out views: {', '.join(v.name for v in eval_targets.views)} (scored, never trained)")
     if inputs.checkpoint:

@@ -22,10 +22,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .frames import VolumeGeometry
+from .metrics import background_centre
 from .views import AXIS_VIEWS, View, make_views, native_view, output_shape
 
 _RAY_DIM = {"xy": 0, "xz": 1, "yz": 2}
 """The volume dimension (of Z, Y, X) each axis view looks along."""
+
+VIEW_BACKGROUND_LIMIT = 0.25
+"""Largest raise of a view's ``low`` by its own background, as a fraction of ``high - low``."""
 
 _VOXELS_PER_CHUNK = 1 << 23
 """Voxels :func:`orbit_mip` projects at once (bounds its scratch memory to a few hundred MB)."""
@@ -43,14 +47,25 @@ class Normalization:
     Rules
     -----
     ``background`` (default)
-        ``low`` = median of all MIP pixels (the background level of the MIPs of a
-        sparse sample, noise included), ``high`` = their 99.95th percentile.
+        ``low`` = the background level of all MIP pixels, noise included
+        (:func:`.metrics.background_centre`: the mode of the lower part of the
+        histogram, which stays on the background where nuclei cover most of a
+        MIP and the median would not), ``high`` = their 99.95th percentile.
     ``percentile``
         ``low``/``high`` = the given percentiles of all MIP pixels.
     ``minmax``
         ``low``/``high`` = min/max of all MIP pixels.
     ``fixed``
         ``low``/``high`` as given (e.g. to reuse another run's values).
+
+    Per-view background (``view_background``; default: on for the ``background``
+    rule only): each view's ``low`` is raised to the background level of its own MIP.  A
+    MIP's background is the maximum of the noise along its rays, so it grows
+    with the ray length: on the rasterised neuron (Poisson noise) the ``xz`` and
+    ``yz`` MIPs (647 and 813 voxels deep) sat 0.01 above the ``xy`` MIP (100
+    deep).  With one ``low`` the model had to paint that bias as a faint haze,
+    which cost 1.3-1.7 dB (and SSIM 0.68 -> 0.94 in ``xz``) against the
+    noise-free volume; a Gaussian's peak now differs between views by that 1 %.
     """
 
     rule: str = "background"
@@ -58,6 +73,22 @@ class Normalization:
     high_percentile: float = 99.95
     low: float | None = None
     high: float | None = None
+    view_background: bool | None = None
+
+    @property
+    def per_view(self) -> bool:
+        """Whether each view's background (its median) is subtracted."""
+        return self.rule == "background" if self.view_background is None else self.view_background
+
+    def view_low(self, image: np.ndarray, low: float, high: float) -> float:
+        """The ``low`` of one view's raw MIP ``image``: ``low``, or the view's background when higher (see above).
+
+        The view's background raises ``low`` by at most a quarter of ``high - low``: a background that bright
+        is a failed estimate, not noise.
+        """
+        if not self.per_view:
+            return low
+        return min(max(low, background_centre(image)), low + VIEW_BACKGROUND_LIMIT * (high - low))
 
     def fit(self, images: list[np.ndarray]) -> tuple[float, float]:
         """The ``(low, high)`` this rule gives for ``images``."""
@@ -71,11 +102,12 @@ class Normalization:
                 low, high = float(pixels.min()), float(pixels.max())
             elif self.rule in ("background", "percentile"):
                 low_p, high_p = (
-                    (50.0, 99.95) if self.rule == "background" else (self.low_percentile, self.high_percentile)
+                    (None, 99.95) if self.rule == "background" else (self.low_percentile, self.high_percentile)
                 )
-                if not 0 <= low_p < high_p <= 100:
+                if low_p is not None and not 0 <= low_p < high_p <= 100:
                     raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_p}, {high_p}")
-                low, high = (float(v) for v in np.percentile(pixels, [low_p, high_p]))
+                high = float(np.percentile(pixels, high_p))
+                low = background_centre(pixels) if low_p is None else float(np.percentile(pixels, low_p))
                 if high <= low:
                     # Very sparse images: the percentile lands on the background; use the maximum instead.
                     high = float(pixels.max())
@@ -92,7 +124,8 @@ class Normalization:
 
     def describe(self, low: float, high: float) -> str:
         """Human-readable statement of the rule and its values."""
-        return f"{self.rule} normalisation: [{low:.6g}, {high:.6g}] -> [0, 1], clipped"
+        text = f"{self.rule} normalisation: [{low:.6g}, {high:.6g}] -> [0, 1], clipped"
+        return f"{text}; each view's own background (median) subtracted" if self.per_view else text
 
 
 @dataclass
@@ -111,6 +144,9 @@ class Targets:
         Raw intensities mapped to 0 and 1.
     normalization
         The rule that produced ``low``/``high``.
+    view_lows
+        The raw intensity each view maps to 0 (``low``, or the view's own background, see
+        :class:`Normalization`); ``None`` means ``low`` for every view.
     peaks
         For targets built from a volume, one float32 [H, W, 3] array per view:
         ``peaks[v][row, col]`` is the physical position (x, y, z) of the voxel
@@ -127,6 +163,7 @@ class Targets:
     high: float = 1.0
     normalization: Normalization = field(default_factory=Normalization)
     peaks: list[np.ndarray] | None = None
+    view_lows: list[float] | None = None
 
     def tensors(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """The images as tensors on ``device``."""
@@ -422,14 +459,21 @@ def targets_from_volume(
 
 
 def targets_for_views(
-    volume: np.ndarray, geometry: VolumeGeometry, views: list[View], normalization: Normalization | None = None
+    volume: np.ndarray,
+    geometry: VolumeGeometry,
+    views: list[View],
+    normalization: Normalization | None = None,
+    view_lows: list[float] | None = None,
 ) -> Targets:
     """Normalised MIP targets of a [Z, Y, X] volume in ``views`` (e.g. those a checkpoint records).
 
     The normalisation is fitted on the axis MIPs at native resolution (the
-    orbit views share it), so it does not depend on which views are trained.
-    ``Targets.peaks`` is filled (see :func:`volume_mips_and_peaks`).
+    orbit views share it), so it does not depend on which views are trained;
+    ``view_lows`` (one per view, e.g. a fit's own) replace the per-view lows the
+    rule would give.  ``Targets.peaks`` is filled (see :func:`volume_mips_and_peaks`).
     """
+    if view_lows is not None and len(view_lows) != len(views):
+        raise ValueError(f"{len(view_lows)} view lows for {len(views)} views")
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"a target volume must be 3D (Z, Y, X), got shape {volume.shape}")
@@ -442,8 +486,9 @@ def targets_for_views(
     reference = [axis_mip(tensor, name).numpy() for name in AXIS_VIEWS]
     low, high = normalization.fit(reference)
     raw, peaks = volume_mips_and_peaks(tensor, geometry, views)
-    images = [_normalise(image.numpy(), low, high) for image in raw]
-    return Targets(list(views), images, geometry, low, high, normalization, peaks)
+    lows = view_lows or [normalization.view_low(image.numpy(), low, high) for image in raw]
+    images = [_normalise(image.numpy(), view_low, high) for image, view_low in zip(raw, lows)]
+    return Targets(list(views), images, geometry, low, high, normalization, peaks, lows)
 
 
 def targets_from_mips(
@@ -474,7 +519,9 @@ def targets_from_mips(
         views.append(native.resampled(output_shape(native.shape, tuple(image.shape))))
     normalization = normalization or Normalization()
     low, high = normalization.fit(list(images.values()))
-    return Targets(views, [_normalise(i, low, high) for i in images.values()], geometry, low, high, normalization)
+    lows = [normalization.view_low(np.asarray(i), low, high) for i in images.values()]
+    normalised = [_normalise(i, view_low, high) for i, view_low in zip(images.values(), lows)]
+    return Targets(views, normalised, geometry, low, high, normalization, view_lows=lows)
 
 
 def shown_axes(images: dict[str, np.ndarray]) -> set[str]:

@@ -40,9 +40,10 @@ from .io.checkpoint import Checkpoint, save_checkpoint
 from .losses import SSIM_WINDOW, LossWeights, mip_loss
 from .metrics import foreground_level, score
 from .model import GaussianModel
-from .render import MODES, Renderer
+from .render import DEFAULT_BETA, MODES, Renderer
 from .render.field import check_field_views
 from .targets import Targets
+from .views import View
 
 FINAL_NAME = "neurogs_renderer_optimized.pt"
 LOG_AMPLITUDE_RANGE = (-10.0, 6.0)
@@ -68,12 +69,12 @@ class FitConfig:
     lambda_ssim: float = 0.1
     lambda_l1: float = 0.0
     mode: str = "soft"
-    beta: float = 50.0
+    beta: float = DEFAULT_BETA
     eps: float = 0.3
     compensate: bool = False
     device: str = "auto"
     backend: str = "auto"
-    schedule: str = "none"
+    schedule: str = "cosine"
     grad_clip: float = 1.0
     save_every: int = 500
     preview_every: int = 10
@@ -342,6 +343,8 @@ class Trainer:
                 "rule": self.targets.normalization.rule,
                 "low": self.targets.low,
                 "high": self.targets.high,
+                "view_background": self.targets.normalization.per_view,
+                "view_lows": {v.name: low for v, low in zip(self._all_views(), self._all_view_lows())},
             },
             "loss_history": snapshot.loss_history,
             "renderer": {"backend": self.renderer.backend, "mode": self.config.mode, "beta": self.config.beta},
@@ -374,6 +377,16 @@ class Trainer:
             for view, image, target in zip(self.eval_targets.views, held, self.eval_targets.tensors(self.device)):
                 scores[view.name] = score(image, target)
         return scores
+
+    def _all_views(self) -> list[View]:
+        return [*self.targets.views, *(self.eval_targets.views if self.eval_targets is not None else [])]
+
+    def _all_view_lows(self) -> list[float]:
+        lows = []
+        for targets in (self.targets, self.eval_targets):
+            if targets is not None:
+                lows += targets.view_lows or [targets.low] * len(targets.views)
+        return lows
 
     @property
     def held_out(self) -> list[str]:

@@ -54,10 +54,19 @@ def test_widget_opens_through_the_manifest(make_napari_viewer) -> None:
     assert inputs.view_specs is None  # the core's default views, whatever they are
     assert widget.views_info.text() == "fits xy, xz, yz, az45_el35, az135_el-35"
     # "auto" boxes say what they stand for.
-    assert widget.num_gaussians.text() == widget.max_gaussians.text().split()[0] == "auto"
+    assert widget.num_gaussians.text().split()[0] == widget.max_gaussians.text().split()[0] == "auto"
     assert widget.densify_until.text() == f"auto (step {FitConfig().last_densify})"
     widget.iterations.setValue(400)
     assert widget.densify_until.text() == "auto (step 300)"
+    # Numbers instead of auto, and density control off.
+    widget.num_gaussians.setValue(500)
+    widget.max_gaussians.setValue(9000)
+    widget.densify_until.setValue(0)
+    widget.densify_check.setChecked(False)
+    assert not widget.densify_every.isEnabled() and widget.max_gaussians.isEnabled()
+    config, inputs = widget.fit_config(), widget.fit_inputs()
+    assert (config.densify, config.densify_until, config.max_gaussians) == (False, 0, 9000)
+    assert (inputs.num_gaussians, inputs.max_gaussians) == (500, 9000)
     assert [widget.device_combo.itemText(i) for i in range(widget.device_combo.count())] == available_devices()
     # Voxel size comes from the layer scale (the sample's spacing).
     assert widget.layer_combo.currentText() == "sample neuron"
@@ -235,8 +244,9 @@ def test_density_control_and_held_out_views(sample_viewer, qtbot) -> None:
     assert trainer.config.densify and trainer.config.densify_every == 8 and trainer.budget == 600
     # The count shown started at the initial model's, changed, and ends at the trainer's.
     assert shown[0] == 200
+    # (How many refreshes fall in between depends on the machine's speed: the viewer refreshes at most twice
+    # a second.)
     assert event.num_gaussians == trainer.model.num_gaussians == _shown_gaussians(widget) != 200
-    assert len(set(shown)) > 1
     assert "density control at step" in widget.status_label.text()
     # Held-out views are scored and marked as such; the trained views are not.
     assert event.held_out == ["az30_el20", "az120_el-15"]

@@ -63,8 +63,9 @@ def test_mip_layers_fit(make_napari_viewer, qtbot, volume) -> None:
     widget.start_combo.setCurrentText("Points layer")
     widget.points_combo.setCurrentText("sample initial model")
     widget.iterations.setValue(3)
+    widget.eval_edit.setText("30:20")  # left from a volume target: MIP targets have no views to hold out
     inputs = widget.fit_inputs()
-    assert sorted(inputs.mips) == ["xy", "xz", "yz"]
+    assert sorted(inputs.mips) == ["xy", "xz", "yz"] and inputs.eval_specs == []
     assert load_checkpoint(inputs.checkpoint).model.num_gaussians == 2000
     finished: list[FinishedEvent] = []
     widget.fit_finished.connect(finished.append)

@@ -27,9 +27,19 @@ import torch
 
 from ..model import GaussianModel
 from ..views import View
-from .project import CUTOFF_SIGMA, DEFAULT_EPS, Projection
+from .project import CUTOFF_SIGMA, DEFAULT_BETA, DEFAULT_EPS, Projection
 
-__all__ = ["BACKENDS", "CUTOFF_SIGMA", "DEFAULT_EPS", "MODES", "Projection", "Renderer", "Stages", "render_mip"]
+__all__ = [
+    "BACKENDS",
+    "CUTOFF_SIGMA",
+    "DEFAULT_BETA",
+    "DEFAULT_EPS",
+    "MODES",
+    "Projection",
+    "Renderer",
+    "Stages",
+    "render_mip",
+]
 
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -88,7 +98,7 @@ class Renderer:
     requested: str
     device: torch.device
     mode: str = "soft"
-    beta: float = 50.0
+    beta: float = DEFAULT_BETA
     eps: float = DEFAULT_EPS
     compensate: bool = False
     fallback_reason: str | None = None
@@ -100,7 +110,7 @@ class Renderer:
         device: torch.device | str,
         backend: str = "auto",
         mode: str = "soft",
-        beta: float = 50.0,
+        beta: float = DEFAULT_BETA,
         eps: float = DEFAULT_EPS,
         compensate: bool = False,
     ) -> Renderer:
@@ -158,7 +168,7 @@ def render_mip(
     model: GaussianModel,
     views: list[View],
     mode: str = "soft",
-    beta: float = 50.0,
+    beta: float = DEFAULT_BETA,
     eps: float = DEFAULT_EPS,
     compensate: bool = False,
     backend: str = "torch",

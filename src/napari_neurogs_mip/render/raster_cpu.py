@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, numpy_view, run_parallel
-from .project import CUTOFF_SIGMA, Projection
+from .project import CUTOFF_SIGMA, DEFAULT_BETA, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
 LANES = 16
@@ -485,7 +485,7 @@ class _Rasterize(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def rasterize(projection: Projection, mode: str = "soft", beta: float = 50.0) -> list[torch.Tensor]:
+def rasterize(projection: Projection, mode: str = "soft", beta: float = DEFAULT_BETA) -> list[torch.Tensor]:
     """Render every view of ``projection`` on the CPU; returns one [H, W] image per view.
 
     Differentiable w.r.t. ``projection.means2d``, ``conics`` and ``amplitudes``

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .project import CUTOFF_SIGMA, Projection
+from .project import CUTOFF_SIGMA, DEFAULT_BETA, Projection
 
 MODES = ("soft", "max")
 
@@ -62,10 +62,18 @@ def enumerate_pairs(projection: Projection) -> tuple[torch.Tensor, torch.Tensor,
     return pair, pair // num_gaussians, x, y
 
 
-def rasterize(projection: Projection, mode: str = "soft", beta: float = 50.0) -> list[torch.Tensor]:
-    """Render every view of ``projection``; returns one [H, W] image per view."""
-    if mode not in MODES:
-        raise ValueError(f"unknown render mode {mode!r}; expected one of {MODES}")
+def pair_values(projection: Projection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (pair, pixel) within the cut-off and its value ``g``.
+
+    Returns
+    -------
+    pair
+        Flat (view * K + gaussian) index of each entry.
+    pixel
+        Index of each entry's pixel in the flat buffer of all views (:func:`pixel_offsets`).
+    value
+        ``g = a exp(-q / 2)`` (differentiable).
+    """
     shapes = projection.shapes
     offsets = torch.tensor(pixel_offsets(shapes), device=projection.means2d.device)
     widths = torch.tensor([w for _, w in shapes], device=projection.means2d.device)
@@ -78,7 +86,16 @@ def rasterize(projection: Projection, mode: str = "soft", beta: float = 50.0) ->
     inside = q <= CUTOFF_SIGMA**2
     g = projection.amplitudes.reshape(-1)[pair[inside]] * torch.exp(-0.5 * q[inside])
     pixel = offsets[view[inside]] + y[inside] * widths[view[inside]] + x[inside]
-    total = int(offsets[-1])
+    return pair[inside], pixel, g
+
+
+def rasterize(projection: Projection, mode: str = "soft", beta: float = DEFAULT_BETA) -> list[torch.Tensor]:
+    """Render every view of ``projection``; returns one [H, W] image per view."""
+    if mode not in MODES:
+        raise ValueError(f"unknown render mode {mode!r}; expected one of {MODES}")
+    shapes = projection.shapes
+    _, pixel, g = pair_values(projection)
+    total = sum(h * w for h, w in shapes)
     zeros = torch.zeros(total, dtype=g.dtype, device=g.device)
     if mode == "max":
         flat = zeros.scatter_reduce(0, pixel, g, reduce="amax", include_self=False)

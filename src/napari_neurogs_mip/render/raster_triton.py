@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .project import CUTOFF_SIGMA, Projection
+from .project import CUTOFF_SIGMA, DEFAULT_BETA, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
 TILE = 8
@@ -352,7 +352,7 @@ class TritonRasterizer:
         if self.capacity is not None and self.capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {self.capacity}")
 
-    def __call__(self, projection: Projection, mode: str = "soft", beta: float = 50.0) -> list[torch.Tensor]:
+    def __call__(self, projection: Projection, mode: str = "soft", beta: float = DEFAULT_BETA) -> list[torch.Tensor]:
         """Render every view of ``projection``; one [H, W] image per view (differentiable)."""
         if mode not in MODES:
             raise ValueError(f"unknown render mode {mode!r}; expected one of {MODES}")
@@ -393,7 +393,7 @@ class TritonRasterizer:
 _DEFAULT = TritonRasterizer()
 
 
-def rasterize(projection: Projection, mode: str = "soft", beta: float = 50.0) -> list[torch.Tensor]:
+def rasterize(projection: Projection, mode: str = "soft", beta: float = DEFAULT_BETA) -> list[torch.Tensor]:
     """Render every view of ``projection`` with default settings; one [H, W] image per view.
 
     Differentiable w.r.t. ``projection.means2d``, ``conics`` and ``amplitudes``;
