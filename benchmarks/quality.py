@@ -8,7 +8,8 @@ Datasets
                  from the package index on first use (skipped with the reason when offline).
 Variants
     ``before``   the seed design: 2,000 Gaussians drawn by brightness, fixed count, shape learning
-                 rates 0.1 x lr, the three axis views;
+                 rates 0.1 x lr, beta 50, constant learning rate, the three axis views (the targets are
+                 today's: orbit views by voxel maximum, per-view background);
     ``after``    today's defaults: foreground-spread start, density control, per-group learning
                  rates, the default views (axis views plus two oblique ones).
 
@@ -74,7 +75,14 @@ VARIANTS = {
     "before": Variant(
         "before",
         {"init": "intensity", "num_gaussians": 2000, "view_specs": list(AXIS_VIEWS)},
-        {"densify": False, "lr_scales": 1e-4, "lr_rotations": 1e-4, "lr_amplitudes": 1e-3},
+        {
+            "densify": False,
+            "lr_scales": 1e-4,
+            "lr_rotations": 1e-4,
+            "lr_amplitudes": 1e-3,
+            "beta": 50.0,
+            "schedule": "none",
+        },
     ),
     "after": Variant("after", {}, {}),
 }

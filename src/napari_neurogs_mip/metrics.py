@@ -224,14 +224,6 @@ def foreground_level(
     return _level(_as_numpy(target), k, floor)[0]
 
 
-def background_centre(image: np.ndarray | torch.Tensor) -> float:
-    """The background intensity of an image (raw or normalised), as :func:`foreground_level` estimates it.
-
-    Unlike the median, it stays on the background when structure (e.g. nuclei) covers most of the image.
-    """
-    return _background(image, FOREGROUND_K)[0]
-
-
 def _level(values: np.ndarray, k: float, floor: float) -> tuple[float, float]:
     """:func:`foreground_level` and the background centre it is measured from."""
     centre, sigma = _background(values, k)

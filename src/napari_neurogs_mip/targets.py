@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .frames import VolumeGeometry
-from .metrics import background_centre
 from .views import AXIS_VIEWS, View, make_views, native_view, output_shape
 
 _RAY_DIM = {"xy": 0, "xz": 1, "yz": 2}
@@ -47,10 +46,12 @@ class Normalization:
     Rules
     -----
     ``background`` (default)
-        ``low`` = the background level of all MIP pixels, noise included
-        (:func:`.metrics.background_centre`: the mode of the lower part of the
-        histogram, which stays on the background where nuclei cover most of a
-        MIP and the median would not), ``high`` = their 99.95th percentile.
+        ``low`` = median of all MIP pixels (the background level of the MIPs of a
+        sparse sample, noise included), ``high`` = their 99.95th percentile.
+        The median clips the noise: the mode of the background (tried) left
+        half the noise above 0 and cost the rasterised neuron 0.05-0.2 in SSIM
+        against its noise-free volume.  Where structure covers most of a MIP
+        (dense nuclei) the median lies on it; use ``percentile`` there.
     ``percentile``
         ``low``/``high`` = the given percentiles of all MIP pixels.
     ``minmax``
@@ -59,7 +60,7 @@ class Normalization:
         ``low``/``high`` as given (e.g. to reuse another run's values).
 
     Per-view background (``view_background``; default: on for the ``background``
-    rule only): each view's ``low`` is raised to the background level of its own MIP.  A
+    rule only): each view's ``low`` is raised to the median of its own MIP.  A
     MIP's background is the maximum of the noise along its rays, so it grows
     with the ray length: on the rasterised neuron (Poisson noise) the ``xz`` and
     ``yz`` MIPs (647 and 813 voxels deep) sat 0.01 above the ``xy`` MIP (100
@@ -81,14 +82,14 @@ class Normalization:
         return self.rule == "background" if self.view_background is None else self.view_background
 
     def view_low(self, image: np.ndarray, low: float, high: float) -> float:
-        """The ``low`` of one view's raw MIP ``image``: ``low``, or the view's background when higher (see above).
+        """The ``low`` of one view's raw MIP ``image``: ``low``, or the view's median when higher (see above).
 
-        The view's background raises ``low`` by at most a quarter of ``high - low``: a background that bright
-        is a failed estimate, not noise.
+        The median raises ``low`` by at most a quarter of ``high - low``: a view whose median is that bright
+        is mostly structure, not background.
         """
         if not self.per_view:
             return low
-        return min(max(low, background_centre(image)), low + VIEW_BACKGROUND_LIMIT * (high - low))
+        return min(max(low, float(np.median(image))), low + VIEW_BACKGROUND_LIMIT * (high - low))
 
     def fit(self, images: list[np.ndarray]) -> tuple[float, float]:
         """The ``(low, high)`` this rule gives for ``images``."""
@@ -102,12 +103,11 @@ class Normalization:
                 low, high = float(pixels.min()), float(pixels.max())
             elif self.rule in ("background", "percentile"):
                 low_p, high_p = (
-                    (None, 99.95) if self.rule == "background" else (self.low_percentile, self.high_percentile)
+                    (50.0, 99.95) if self.rule == "background" else (self.low_percentile, self.high_percentile)
                 )
-                if low_p is not None and not 0 <= low_p < high_p <= 100:
+                if not 0 <= low_p < high_p <= 100:
                     raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_p}, {high_p}")
-                high = float(np.percentile(pixels, high_p))
-                low = background_centre(pixels) if low_p is None else float(np.percentile(pixels, low_p))
+                low, high = (float(v) for v in np.percentile(pixels, [low_p, high_p]))
                 if high <= low:
                     # Very sparse images: the percentile lands on the background; use the maximum instead.
                     high = float(pixels.max())
