@@ -15,7 +15,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the commands import these lazily, to start fast
+    import torch
+
+    from .frames import VolumeGeometry
+    from .io.checkpoint import Checkpoint
+    from .views import View
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -215,6 +222,7 @@ def _fit(args: argparse.Namespace) -> int:
     from .metrics import format_table
     from .setup import FitInputs, prepare_fit
     from .train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
+    from .views import parse_view_specs
 
     out = Path(args.out)
     _check_writable_folder(out)
@@ -232,7 +240,7 @@ def _fit(args: argparse.Namespace) -> int:
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
         normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
         max_gaussians=args.max_gaussians, init=args.init, seed=args.seed,
-        eval_specs=_parse_views(args.eval_views) if args.eval_views else [],
+        eval_specs=parse_view_specs(args.eval_views) if args.eval_views else [],
     )  # fmt: skip
     prepared = prepare_fit(inputs)
     for line in prepared.notes:
@@ -263,20 +271,10 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_views(text: str) -> list[str]:
-    from .views import parse_view_specs
-
-    return parse_view_specs(text)
-
-
 def _render(args: argparse.Namespace) -> int:
-    import torch
-
-    from .device import resolve_device
-    from .frames import Frame, VolumeGeometry
+    from .frames import VolumeGeometry
     from .io.checkpoint import load_checkpoint
     from .io.tiff import read_volume, write_mips
-    from .render import Renderer
     from .views import AXIS_VIEWS, make_views
 
     geometry = None
@@ -294,14 +292,8 @@ def _render(args: argparse.Namespace) -> int:
     if args.voxel_size and not args.target:
         geometry = VolumeGeometry(geometry.shape_zyx, tuple(args.voxel_size))
     print(f"volume {geometry.shape_zyx} spacing {geometry.spacing_zyx} ({checkpoint.geometry_source})")
-    device, note = resolve_device(args.device)
-    mode, beta = _render_settings(args, checkpoint.metadata)
-    renderer = Renderer.create(device, args.backend, mode, beta)
-    print(f"{note}; {renderer.describe()}")
     views = make_views(_view_specs(args) or list(AXIS_VIEWS), geometry, _resolution(args))
-    physical = model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
-    with torch.no_grad():
-        images = renderer.render(physical, views)
+    images = _render_views(args, checkpoint, geometry, views)
     write_mips(
         args.out,
         {v.name: i.cpu().numpy() for v, i in zip(views, images)},
@@ -309,6 +301,26 @@ def _render(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(views)} MIPs to {args.out}")
     return 0
+
+
+def _render_views(
+    args: argparse.Namespace, checkpoint: Checkpoint, geometry: VolumeGeometry, views: list[View]
+) -> list[torch.Tensor]:
+    """Render ``checkpoint``'s model on ``geometry`` into ``views`` with the device, backend, mode and beta of
+    ``args`` (mode and beta default to the fit's); says what it uses."""
+    import torch
+
+    from .device import resolve_device
+    from .frames import Frame
+    from .render import Renderer
+
+    device, note = resolve_device(args.device)
+    mode, beta = _render_settings(args, checkpoint.metadata)
+    renderer = Renderer.create(device, args.backend, mode, beta)
+    print(f"{note}; {renderer.describe()}")
+    physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
+    with torch.no_grad():
+        return [image.cpu() for image in renderer.render(physical, views)]
 
 
 def _render_settings(args: argparse.Namespace, metadata: dict[str, Any]) -> tuple[str, float]:
@@ -324,16 +336,12 @@ def _render_settings(args: argparse.Namespace, metadata: dict[str, Any]) -> tupl
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .device import resolve_device
-    from .frames import Frame, VolumeGeometry
+    from .frames import VolumeGeometry
     from .io.checkpoint import load_checkpoint
     from .io.tiff import read_volume
     from .metrics import format_table, score
-    from .render import Renderer
     from .targets import Normalization, targets_for_views
-    from .views import AXIS_VIEWS, View, make_views
+    from .views import AXIS_VIEWS, View, make_views, parse_view_specs
 
     read = read_volume(args.target, args.channel, args.time, tuple(args.voxel_size) if args.voxel_size else None)
     geometry = VolumeGeometry(read.data.shape, read.spacing_zyx)
@@ -348,7 +356,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         trained = make_views(_view_specs(args) or list(AXIS_VIEWS), geometry, _resolution(args))
     if args.eval_views:
-        held = make_views(_parse_views(args.eval_views), geometry, _resolution(args))
+        held = make_views(parse_view_specs(args.eval_views), geometry, _resolution(args))
     else:
         held = [View.from_dict(v) for v in metadata.get("eval_views", [])] if same_volume else []
     stored = metadata.get("normalization") if isinstance(metadata.get("normalization"), dict) else {}
@@ -366,14 +374,8 @@ def _eval(args: argparse.Namespace) -> int:
     known = stored.get("view_lows") if isinstance(stored.get("view_lows"), dict) else {}
     lows = [float(known[v.name]) for v in views] if same_volume and all(v.name in known for v in views) else None
     targets = targets_for_views(read.data, geometry, views, normalization, lows)
-    device, note = resolve_device(args.device)
-    mode, beta = _render_settings(args, metadata)
-    renderer = Renderer.create(device, args.backend, mode, beta)
-    print(f"{note}; {renderer.describe()}")
-    physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
-    with torch.no_grad():
-        images = renderer.render(physical, targets.views)
-    scores = {v.name: score(i, t) for v, i, t in zip(targets.views, images, targets.tensors(device))}
+    images = _render_views(args, checkpoint, geometry, targets.views)
+    scores = {v.name: score(i, t) for v, i, t in zip(targets.views, images, targets.tensors("cpu"))}
     print(format_table(scores, [v.name for v in held]))
     return 0
 
