@@ -24,7 +24,7 @@ from random draws, so a fit with density control resumes exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -51,6 +51,11 @@ CLONE_GRADIENT_RATIO = 2.0
 IDLE_CHECKS = 2
 """A Gaussian that wins no visible pixel at this many consecutive checks is pruned."""
 _PAIR_CHUNK = 1 << 22
+
+
+def _by_name(tensors: DensityStats | NewGaussians) -> dict[str, torch.Tensor]:
+    """The tensor fields of a dataclass by name, in field order."""
+    return {f.name: getattr(tensors, f.name) for f in fields(tensors)}
 
 
 @dataclass
@@ -107,17 +112,12 @@ class DensityStats:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The statistics by name (saved in checkpoints for exact resuming)."""
-        return {
-            "gradient_norm": self.gradient_norm,
-            "gradient_sum": self.gradient_sum,
-            "steps": self.steps,
-            "idle": self.idle,
-        }
+        return _by_name(self)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], count: int, device: torch.device | str) -> DensityStats:
         """Statistics saved by :meth:`tensors`; ``ValueError`` when they do not match ``count`` Gaussians."""
-        names = ("gradient_norm", "gradient_sum", "steps", "idle")
+        names = [f.name for f in fields(cls)]
         missing = [n for n in names if not isinstance(tensors.get(n), torch.Tensor)]
         if missing:
             raise ValueError(f"density statistics lack {missing}")
@@ -151,12 +151,7 @@ class NewGaussians:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The four parameters by name."""
-        return {
-            "means": self.means,
-            "log_scales": self.log_scales,
-            "quaternions": self.quaternions,
-            "log_amplitudes": self.log_amplitudes,
-        }
+        return _by_name(self)
 
     def cat(self, other: NewGaussians) -> NewGaussians:
         """Both sets, this one first."""
