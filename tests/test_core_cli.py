@@ -221,7 +221,7 @@ def test_yaml_resolution_gives_way_to_flags(tmp_path, capsys):
     views = load_checkpoint(out / FINAL_NAME).metadata["views"]
     assert [(v["name"], v["height"], v["width"]) for v in views] == [("xy", 43, 43)]
     # Without the flags, the file's settings hold.
-    assert main(argv) == 0, capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
     views = load_checkpoint(out / FINAL_NAME).metadata["views"]
     assert [(v["name"], v["height"], v["width"]) for v in views] == [("xy", 20, 20), ("xz", 20, 20)]
 

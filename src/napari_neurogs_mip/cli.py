@@ -11,8 +11,11 @@ failure while fitting.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,8 +52,71 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {text}")
+    return value
+
+
+def _voxel_size(text: str) -> float:
+    value = _positive_float(text)
+    # Micrometres: below a picometre or above a metre is a unit mistake, and squares of such values under- or
+    # overflow float32 in the renderers.
+    if not 1e-6 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"must be a voxel size in micrometres within [1e-6, 1e6], got {text}")
+    return value
+
+
+def _spellings(*flags: str) -> list[str]:
+    """Each flag with hyphens and with underscores: the seed's ``--num_gaussians`` and ``--num-gaussians`` both work
+    (the first spelling is the one help shows)."""
+    names = []
+    for flag in flags:
+        for name in (flag, "--" + flag[2:].replace("_", "-"), "--" + flag[2:].replace("-", "_")):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with ``(default: ...)`` for settings that have one, without repeating the other spelling."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is not None and default is not False and default != argparse.SUPPRESS and "default" not in text:
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            text += f" (default: {shown})"
+        return text
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        # Both spellings of a flag: help shows the first; the other is accepted too.
+        seen, shown = set(), []
+        for name in action.option_strings:
+            if name.replace("_", "-") not in seen:
+                seen.add(name.replace("_", "-"))
+                shown.append(name)
+        return super()._format_action_invocation(_with_options(action, shown))
+
+
+def _with_options(action: argparse.Action, options: list[str]) -> argparse.Action:
+    shown = copy.copy(action)
+    shown.option_strings = options
+    return shown
+
+
+def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        *_spellings("--channel"), type=_non_negative_int, help="channel index (0-based) of a hyperstack"
+    )
+    parser.add_argument(*_spellings("--time"), type=_non_negative_int, help="time point (0-based) of a time-lapse")
+
+
 def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--views", help="comma list of views: xy, xz, yz, or AZ:EL in degrees (e.g. xy,xz,yz,30:15)")
+    parser.add_argument(
+        *_spellings("--views"), help="comma list of views: xy, xz, yz, or AZ:EL in degrees (e.g. xy,xz,yz,30:15)"
+    )
     parser.add_argument(
         "--num_views", type=_positive_int,
         help="1-3: xy, xz, yz; more adds orbit views (default: fit xy,xz,yz,45:35,135:-35 of a volume; "
@@ -60,8 +126,13 @@ def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--resolution", type=_positive_int, nargs=2, metavar=("H", "W"), help="resample every view to H x W"
     )
-    group.add_argument("--downsample", type=_positive_float, help="downsampling factor (area averaging); keeps aspect")
-    parser.add_argument("--voxel-size", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), help="override spacing")
+    group.add_argument(
+        *_spellings("--downsample"), type=_positive_float, help="downsampling factor (area averaging); keeps aspect"
+    )
+    parser.add_argument(
+        *_spellings("--voxel-size"), type=_voxel_size, nargs=3, metavar=("Z", "Y", "X"),
+        help="voxel spacing in micrometres (overrides the file's)",
+    )  # fmt: skip
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -70,25 +141,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from .render import BACKENDS, DEFAULT_BETA, MODES
     from .train import SCHEDULES
 
-    parser = argparse.ArgumentParser(prog="neurogs-mip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="neurogs-mip", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    kinds = {"formatter_class": _HelpFormatter}
 
-    fit = commands.add_parser("fit", help="fit Gaussians to MIPs of a volume")
-    fit.add_argument("--config", help="YAML file of settings (keys = flag names with underscores)")
+    fit = commands.add_parser("fit", help="fit Gaussians to MIPs of a volume", **kinds)
+    fit.add_argument(*_spellings("--config"), help="YAML file of settings (keys = flag names with underscores)")
     source = fit.add_argument_group("target (one of)")
-    source.add_argument("--sample", action="store_true", help="the built-in procedural neuron volume")
-    source.add_argument("--target", help="TIFF volume (Z, Y, X; ImageJ/OME hyperstacks with --channel/--time)")
-    source.add_argument("--target-mips", help="TIFF of precomputed MIP images (2D per view, or a named stack)")
+    source.add_argument(*_spellings("--sample"), action="store_true", help="the built-in procedural neuron volume")
+    source.add_argument(
+        *_spellings("--target"), help="TIFF volume (Z, Y, X; ImageJ/OME hyperstacks with --channel/--time)"
+    )
+    source.add_argument(
+        *_spellings("--target-mips"), help="TIFF of precomputed MIP images (2D per view, or a named stack)"
+    )
     fit.add_argument(
         "--volume-shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
         help="volume shape for --target-mips whose axis views do not show every axis (default: the checkpoint's)",
     )  # fmt: skip
-    fit.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF")
-    fit.add_argument("--time", type=int, help="time point of a time-lapse TIFF")
-    fit.add_argument("--normalize", default="background", choices=["background", "minmax", "percentile"])
+    _add_selection_flags(fit)
+    fit.add_argument(*_spellings("--normalize"), default="background", choices=["background", "minmax", "percentile"])
     model = fit.add_argument_group("initial model")
-    model.add_argument("--checkpoint", help="NeuRoGS-family .pt file to start from (or resume, if ours)")
-    model.add_argument("--swc", help="SWC skeleton to place Gaussians along")
+    model.add_argument(*_spellings("--checkpoint"), help="NeuRoGS-family .pt file to start from (or resume, if ours)")
+    model.add_argument(*_spellings("--swc"), help="SWC skeleton to place Gaussians along")
     model.add_argument(
         "--num_gaussians", type=_positive_int,
         help="initial Gaussians from scratch (default: one per foreground cell, see docs/quality.md)",
@@ -98,18 +175,37 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="start from scratch: spread over the foreground, or drawn by brightness (the seed design)",
     )  # fmt: skip
     _add_geometry_flags(fit)
-    fit.add_argument("--eval-views", help="comma list of held-out views (e.g. 30:20,120:-15): scored, never trained on")
-    fit.add_argument("--iterations", type=int, default=1000)
-    fit.add_argument("--lr", type=float, default=1e-3, help="learning rate of the means (fraction of the longest side)")
-    fit.add_argument("--lr-scales", type=_positive_float, default=1e-2, help="learning rate of the log-scales")
-    fit.add_argument("--lr-rotations", type=_positive_float, default=1e-2, help="learning rate of the quaternions")
-    fit.add_argument("--lr-amplitudes", type=_positive_float, default=1e-2, help="learning rate of the log-amplitudes")
+    fit.add_argument(
+        *_spellings("--eval-views"), help="comma list of held-out views (e.g. 30:20,120:-15): scored, never trained on"
+    )
+    fit.add_argument(
+        *_spellings("--iterations"), type=_positive_int,
+        help="total steps to reach, counting a resumed checkpoint's (default: 1000)",
+    )  # fmt: skip
+    fit.add_argument(
+        *_spellings("--extra-iterations"), type=_positive_int,
+        help="steps to run beyond a resumed checkpoint's iteration (instead of --iterations)",
+    )  # fmt: skip
+    fit.add_argument(
+        *_spellings("--lr"), type=float, default=1e-3, help="learning rate of the means (fraction of the longest side)"
+    )
+    fit.add_argument(
+        *_spellings("--lr-scales"), type=_positive_float, default=1e-2, help="learning rate of the log-scales"
+    )
+    fit.add_argument(
+        *_spellings("--lr-rotations"), type=_positive_float, default=1e-2, help="learning rate of the quaternions"
+    )
+    fit.add_argument(
+        *_spellings("--lr-amplitudes"), type=_positive_float, default=1e-2, help="learning rate of the log-amplitudes"
+    )
     density = fit.add_argument_group("density control (spawn, clone, split, prune)")
     density.add_argument(
         "--densify", default=True, action=argparse.BooleanOptionalAction,
         help="add Gaussians where the render misses the target and remove idle ones (default: on)",
     )  # fmt: skip
-    density.add_argument("--densify-every", type=_positive_int, default=100, help="steps between density checks")
+    density.add_argument(
+        *_spellings("--densify-every"), type=_positive_int, default=100, help="steps between density checks"
+    )
     density.add_argument(
         "--densify-until", type=_non_negative_int, help="last step of density control (default: 3/4 of --iterations)"
     )
@@ -117,50 +213,66 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--max-gaussians", type=_positive_int,
         help="budget of Gaussians (default: 60000 on the CPU, 1000000 on CUDA)",
     )  # fmt: skip
-    fit.add_argument("--lambda_mse", type=float, default=1.0)
-    fit.add_argument("--lambda_ssim", type=float, default=0.1)
-    fit.add_argument("--lambda_l1", type=float, default=0.0)
-    fit.add_argument("--mode", default="soft", choices=MODES)
-    fit.add_argument("--beta", type=_positive_float, default=DEFAULT_BETA, help="soft-MIP sharpness, 1/intensity")
-    fit.add_argument("--eps", type=float, default=0.3, help="pixel filter, px^2")
-    fit.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="learning-rate decay to 0.1x over the fit")
-    fit.add_argument("--device", default="auto", choices=DEVICES)
-    fit.add_argument("--backend", default="auto", choices=BACKENDS)
-    fit.add_argument("--save-every", type=_positive_int, default=500)
-    fit.add_argument("--out", default="neurogs_mip_out", help="output folder")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument(*_spellings("--lambda_mse"), type=float, default=1.0, help="weight of the mean squared error")
+    fit.add_argument(*_spellings("--lambda_ssim"), type=float, default=0.1, help="weight of 1 - SSIM")
+    fit.add_argument(*_spellings("--lambda_l1"), type=float, default=0.0, help="weight of the mean absolute error")
+    fit.add_argument(*_spellings("--mode"), default="soft", choices=MODES, help="MIP the fit renders")
+    fit.add_argument(
+        *_spellings("--beta"), type=_positive_float, default=DEFAULT_BETA, help="soft-MIP sharpness, 1/intensity"
+    )
+    fit.add_argument(*_spellings("--eps"), type=float, default=0.3, help="pixel filter, px^2")
+    fit.add_argument(
+        *_spellings("--schedule"), default="cosine", choices=SCHEDULES, help="learning-rate decay to 0.1x over the fit"
+    )
+    fit.add_argument(*_spellings("--device"), default="auto", choices=DEVICES, help="where to compute")
+    fit.add_argument(*_spellings("--backend"), default="auto", choices=BACKENDS, help="renderer")
+    fit.add_argument(*_spellings("--save-every"), type=_positive_int, default=500, help="steps between checkpoints")
+    fit.add_argument(*_spellings("--out"), default="neurogs_mip_out", help="output folder")
+    fit.add_argument(
+        *_spellings("--overwrite"), action="store_true",
+        help="replace the model files of an earlier run in --out (otherwise refused)",
+    )  # fmt: skip
+    fit.add_argument(*_spellings("--seed"), type=_seed, default=0, help="random seed (initialisation, sample)")
 
-    render = commands.add_parser("render", help="render a checkpoint's MIPs to a TIFF")
+    render = commands.add_parser("render", help="render a checkpoint's MIPs to a TIFF", **kinds)
     render.add_argument("checkpoint")
-    render.add_argument("--out", required=True, help="output TIFF")
-    render.add_argument("--target", help="TIFF volume whose geometry to use")
-    render.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF target")
-    render.add_argument("--time", type=int, help="time point of a time-lapse TIFF target")
-    render.add_argument("--shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), help="volume shape")
-    render.add_argument("--mode", choices=MODES, help="render mode (default: the one the checkpoint was fitted with)")
-    render.add_argument("--beta", type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)")
-    render.add_argument("--device", default="auto", choices=DEVICES)
-    render.add_argument("--backend", default="auto", choices=BACKENDS)
+    render.add_argument(*_spellings("--out"), required=True, help="output TIFF")
+    render.add_argument(*_spellings("--overwrite"), action="store_true", help="replace an existing --out file")
+    render.add_argument(*_spellings("--target"), help="TIFF volume whose geometry to use")
+    _add_selection_flags(render)
+    render.add_argument(
+        *_spellings("--shape"), type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), help="volume shape"
+    )
+    render.add_argument(
+        *_spellings("--mode"), choices=MODES, help="render mode (default: the one the checkpoint was fitted with)"
+    )
+    render.add_argument(
+        *_spellings("--beta"), type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)"
+    )
+    render.add_argument(*_spellings("--device"), default="auto", choices=DEVICES, help="where to compute")
+    render.add_argument(*_spellings("--backend"), default="auto", choices=BACKENDS, help="renderer")
     _add_geometry_flags(render)
 
-    evaluate = commands.add_parser("eval", help="score a checkpoint against the MIPs of a volume")
+    evaluate = commands.add_parser("eval", help="score a checkpoint against the MIPs of a volume", **kinds)
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--target", required=True, help="TIFF volume (Z, Y, X) the checkpoint was fitted to")
-    evaluate.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF target")
-    evaluate.add_argument("--time", type=int, help="time point of a time-lapse TIFF target")
+    evaluate.add_argument(
+        *_spellings("--target"), required=True, help="TIFF volume (Z, Y, X) the checkpoint was fitted to"
+    )
+    _add_selection_flags(evaluate)
     evaluate.add_argument(
         "--eval-views", help="comma list of views to mark held-out (default: the checkpoint's own held-out views)"
     )
-    evaluate.add_argument("--mode", choices=MODES, help="render mode (default: the checkpoint's)")
-    evaluate.add_argument("--beta", type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)")
-    evaluate.add_argument("--device", default="auto", choices=DEVICES)
-    evaluate.add_argument("--backend", default="auto", choices=BACKENDS)
+    evaluate.add_argument(*_spellings("--mode"), choices=MODES, help="render mode (default: the checkpoint's)")
+    evaluate.add_argument(
+        *_spellings("--beta"), type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)"
+    )
+    evaluate.add_argument(*_spellings("--device"), default="auto", choices=DEVICES, help="where to compute")
+    evaluate.add_argument(*_spellings("--backend"), default="auto", choices=BACKENDS, help="renderer")
     _add_geometry_flags(evaluate)
 
-    info = commands.add_parser("info", help="describe a checkpoint or TIFF file")
+    info = commands.add_parser("info", help="describe a checkpoint or TIFF file", **kinds)
     info.add_argument("path")
-    info.add_argument("--channel", type=int, help="channel index of a multi-channel TIFF")
-    info.add_argument("--time", type=int, help="time point of a time-lapse TIFF")
+    _add_selection_flags(info)
     return parser, {"fit": fit, "render": render, "eval": evaluate, "info": info}
 
 
@@ -168,19 +280,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     if args.command == "fit" and args.config:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such config file: {path}")
-        settings = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(settings, dict):
-            raise ValueError(f"{path} must hold a mapping of settings, got {type(settings).__name__}")
-        settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
-        known = set(vars(commands["fit"].parse_args([])))
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        settings = _read_config(Path(args.config), commands["fit"])
         # Settings from the file become defaults, so flags given on the command line win.
         first, default_views = args, commands["fit"].get_default("num_views")
         commands["fit"].set_defaults(**settings)
@@ -190,15 +290,103 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             args.resolution, args.downsample = first.resolution, first.downsample
         if first.views is None and first.num_views != default_views:
             args.views = None
+    if args.command == "fit":
+        _check_fit_flags(args)
     return args
+
+
+def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The settings of a YAML config file, each checked and converted exactly as its flag would be.
+
+    YAML's own types are kept where a user would write them (``resolution: 16``
+    for 16 x 16, ``views: [xy, xz]``), but a string is never a bool.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such config file: {path}")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path} is not a text (YAML) file") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"--config {path} is not valid YAML{line}: {problem}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--config {path} must hold a mapping of settings, got {type(settings).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    converted = {}
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in actions:
+            raise ValueError(f"--config {path}: unknown setting {key!r}; known: {sorted(actions)}")
+        converted[name] = _config_value(actions[name], value, f"--config {path}: {key}")
+    return converted
+
+
+def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` from a config file, converted and checked like the command-line flag of ``action``."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        raise ValueError(f"{where} has no value")
+    if isinstance(action.nargs, int):
+        items = list(value) if isinstance(value, (list, tuple)) else [value] * action.nargs
+        if len(items) != action.nargs:
+            raise ValueError(f"{where} needs {action.nargs} values (or one for all), got {value!r}")
+        return [_config_scalar(action, item, where) for item in items]
+    if isinstance(value, (list, tuple)) and action.dest in ("views", "eval_views"):
+        value = ",".join(str(item) for item in value)
+    return _config_scalar(action, value, where)
+
+
+def _config_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (bool, list, tuple, dict)):
+        raise ValueError(f"{where} must be a single value, got {value!r}")
+    text = str(value)
+    try:
+        converted = action.type(text) if action.type is not None else text
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise ValueError(f"{where}: {error}" if str(error) else f"{where}: invalid value {value!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{where} must be one of {list(action.choices)}, got {value!r}")
+    return converted
+
+
+def _check_fit_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that exclude each other or would be ignored, naming both."""
+    sources = [flag for flag, given in (("--sample", args.sample), ("--target", args.target),
+                                        ("--target-mips", args.target_mips)) if given]  # fmt: skip
+    if len(sources) > 1:
+        raise ValueError(f"{' and '.join(sources)} both give a target; use one of them")
+    if (args.channel is not None or args.time is not None) and not args.target:
+        flag = "--channel" if args.channel is not None else "--time"
+        raise ValueError(f"{flag} selects from a --target hyperstack; there is no --target")
+    if args.extra_iterations is not None and args.iterations is not None:
+        raise ValueError(
+            "--iterations (a total) and --extra-iterations (steps beyond the checkpoint) exclude each other"
+        )
+    if args.extra_iterations is not None and not args.checkpoint:
+        raise ValueError("--extra-iterations counts from a resumed --checkpoint; without one, use --iterations")
+    for flag in ("views", "eval_views"):
+        text = getattr(args, flag)
+        if text is not None and not text.strip(" ,"):
+            raise ValueError(f"--{flag.replace('_', '-')} is empty; give a comma list such as xy,xz,yz")
 
 
 def _view_specs(args: argparse.Namespace) -> list[str] | None:
     """The views asked for, or ``None`` for the default of the command (``--num_views`` unset)."""
     from .views import default_view_specs, parse_view_specs
 
-    if args.views:
-        return parse_view_specs(args.views)
+    if args.views is not None:
+        try:
+            return parse_view_specs(args.views)
+        except ValueError as error:
+            raise ValueError(f"--views: {error}") from None
     return default_view_specs(args.num_views) if args.num_views is not None else None
 
 
@@ -211,12 +399,25 @@ def _resolution(args: argparse.Namespace) -> Any:
 def _check_writable_folder(path: Path) -> None:
     existing = path
     while not existing.exists():
+        if existing.is_symlink():
+            raise ValueError(f"cannot write to output folder {path}: {existing} is a broken symbolic link or a loop")
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise PermissionError(f"cannot write to output folder {path}: {existing} is not a writable folder")
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from .io.run_folder import claim_run_folder
+
+    out = Path(args.out)
+    _check_writable_folder(out)
+    with claim_run_folder(out, overwrite=args.overwrite, resume_from=args.checkpoint) as notes:
+        for line in notes:
+            print(line)
+        return _run_fit(args, out)
+
+
+def _run_fit(args: argparse.Namespace, out: Path) -> int:
     from tqdm import tqdm
 
     from .metrics import format_table
@@ -224,16 +425,6 @@ def _fit(args: argparse.Namespace) -> int:
     from .train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
     from .views import parse_view_specs
 
-    out = Path(args.out)
-    _check_writable_folder(out)
-    config = FitConfig(
-        iterations=args.iterations, lr=args.lr, lr_scales=args.lr_scales, lr_rotations=args.lr_rotations,
-        lr_amplitudes=args.lr_amplitudes, lambda_mse=args.lambda_mse, lambda_ssim=args.lambda_ssim,
-        lambda_l1=args.lambda_l1, mode=args.mode, beta=args.beta, eps=args.eps, device=args.device,
-        backend=args.backend, schedule=args.schedule, save_every=args.save_every, seed=args.seed, out=str(out),
-        densify=args.densify, densify_every=args.densify_every, densify_until=args.densify_until,
-        max_gaussians=args.max_gaussians,
-    )  # fmt: skip
     inputs = FitInputs(
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
@@ -245,18 +436,40 @@ def _fit(args: argparse.Namespace) -> int:
     prepared = prepare_fit(inputs)
     for line in prepared.notes:
         print(line)
+    iterations = args.iterations or FitConfig.iterations
+    if args.extra_iterations is not None:
+        start = prepared.checkpoint.iteration if prepared.checkpoint is not None else 0
+        iterations = start + args.extra_iterations
+    config = FitConfig(
+        iterations=iterations, lr=args.lr, lr_scales=args.lr_scales, lr_rotations=args.lr_rotations,
+        lr_amplitudes=args.lr_amplitudes, lambda_mse=args.lambda_mse, lambda_ssim=args.lambda_ssim,
+        lambda_l1=args.lambda_l1, mode=args.mode, beta=args.beta, eps=args.eps, device=args.device,
+        backend=args.backend, schedule=args.schedule, save_every=args.save_every, seed=args.seed, out=str(out),
+        densify=args.densify, densify_every=args.densify_every, densify_until=args.densify_until,
+        max_gaussians=args.max_gaussians,
+    )  # fmt: skip
+    if prepared.checkpoint is not None and prepared.checkpoint.iteration >= iterations:
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} is at iteration {prepared.checkpoint.iteration} and --iterations "
+            f"{iterations} is the total to reach: nothing would run; raise --iterations or use --extra-iterations N"
+        )
     trainer = Trainer(
         prepared.model, prepared.targets, config, checkpoint=prepared.checkpoint, eval_targets=prepared.eval_targets
     )
     print(trainer.describe())
     print(f"targets: {prepared.targets.describe()}")
     print(f"model: {prepared.model.num_gaussians} Gaussians ({prepared.model.frame.value} frame)")
+    if trainer.resume_changes:
+        print("resuming with changed settings (applied): " + "; ".join(trainer.resume_changes))
     if config.densify:
         print(
             f"density control: every {config.densify_every} steps until step {config.last_densify}, "
             f"at most {trainer.budget} Gaussians"
         )
-    with tqdm(total=config.iterations, initial=trainer.iteration, unit="it", dynamic_ncols=True) as bar:
+    with (
+        _StopOnSignals(trainer) as signals,
+        tqdm(total=config.iterations, initial=trainer.iteration, unit="it", dynamic_ncols=True) as bar,
+    ):
         for event in trainer.run():
             if isinstance(event, StepEvent):
                 bar.update(1)
@@ -267,8 +480,55 @@ def _fit(args: argparse.Namespace) -> int:
             elif isinstance(event, FinishedEvent):
                 final = event
     print(format_table(final.metrics, final.held_out))
+    if signals.received is not None:
+        print(
+            f"interrupted by {signals.received.name} at iteration {final.iteration} of {config.iterations}: saved "
+            f"{final.path} (a consistent checkpoint); go on with: neurogs-mip fit ... --checkpoint {final.path} "
+            f"--out {out}",
+            file=sys.stderr,
+        )
+        return 128 + int(signals.received)
     print(f"{final.num_gaussians} Gaussians; saved {final.path}")
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or a second SIGINT) arrived: leave now, without a traceback."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+class _StopOnSignals:
+    """While a fit runs, SIGINT and SIGTERM ask the trainer to stop between steps (it then saves a consistent
+    checkpoint); a second signal leaves at once (atomic writes leave no partial file)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise Interrupted(signum)
+        self.received = signal.Signals(signum)
+        print(f"\n{self.received.name}: stopping after this step and saving...", file=sys.stderr)
+        self.trainer.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -284,6 +544,7 @@ def _render(args: argparse.Namespace) -> int:
         geometry = VolumeGeometry(volume.data.shape, volume.spacing_zyx)
     elif args.shape:
         geometry = VolumeGeometry(tuple(args.shape), tuple(args.voxel_size) if args.voxel_size else (1.0, 1.0, 1.0))
+    _check_output_file(Path(args.out), args.overwrite, {"checkpoint": args.checkpoint, "--target": args.target})
     checkpoint = load_checkpoint(args.checkpoint, geometry)
     model = checkpoint.model
     geometry = model.geometry
@@ -301,6 +562,19 @@ def _render(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(views)} MIPs to {args.out}")
     return 0
+
+
+def _check_output_file(out: Path, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """Refuse to write ``out`` over one of the command's inputs (ever) or over an existing file (unless
+    ``--overwrite``)."""
+    for flag, given in inputs.items():
+        if given and out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise ValueError(f"--out {out} is the {flag} input itself; write the MIPs to another file")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'mips.tif'}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    _check_writable_folder(out.parent if str(out.parent) else Path("."))
 
 
 def _render_views(
@@ -417,7 +691,27 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status.
+
+    SIGINT and SIGTERM exit with 130 and 143 and no traceback: during a fit
+    after saving a checkpoint (see :class:`_StopOnSignals`), before it at once.
+    """
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main_thread else None
+    try:
+        return _main(argv)
+    except Interrupted as interrupt:
+        print(f"interrupted by {signal.Signals(interrupt.signum).name}", file=sys.stderr)
+        return 128 + interrupt.signum
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parse(argv)
     except SystemExit as exit_:
@@ -437,9 +731,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, CheckpointError, IsADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ Gaussians every ``densify_every`` steps until ``densify_until``, within
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ from .densify import DensityChange, DensityStats, NewGaussians, plan_change, spa
 from .device import resolve_device, torch_threads
 from .frames import Frame
 from .io.checkpoint import Checkpoint, save_checkpoint
+from .io.run_folder import FINAL_NAME, checkpoint_name
 from .losses import SSIM_WINDOW, LossWeights, mip_loss
 from .metrics import foreground_level, score
 from .model import GaussianModel
@@ -45,7 +49,6 @@ from .render.field import check_field_views
 from .targets import Targets
 from .views import View
 
-FINAL_NAME = "neurogs_renderer_optimized.pt"
 LOG_AMPLITUDE_RANGE = (-10.0, 6.0)
 SCHEDULES = ("none", "cosine", "exponential")
 DEFAULT_BUDGET = {"cpu": 60_000, "mps": 200_000, "cuda": 1_000_000}
@@ -54,6 +57,10 @@ DEFAULT_BUDGET = {"cpu": 60_000, "mps": 200_000, "cuda": 1_000_000}
 
 class TrainingError(RuntimeError):
     """The fit cannot go on (e.g. NaN/Inf); the last good state is kept."""
+
+
+class SaveError(TrainingError):
+    """A checkpoint could not be written (disk full, I/O error); earlier checkpoints are intact."""
 
 
 @dataclass
@@ -260,19 +267,32 @@ class Trainer:
         self.loss_history: list[float] = []
         self.budget = config.gaussian_budget(self.device)
         self.density = DensityStats.zeros(self.model.num_gaussians, self.device)
+        self.resume_changes: list[str] = []
+        """Settings that differ from those the resumed checkpoint was fitted with (all applied)."""
         if checkpoint is not None and checkpoint.optimizer_state is not None and start is not None:
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            self._load_optimizer_state(checkpoint.optimizer_state)
             self.iteration = checkpoint.iteration
+            if self.iteration >= config.iterations:
+                raise ValueError(
+                    f"the checkpoint is at iteration {self.iteration}, and iterations={config.iterations} is the "
+                    "total to reach: nothing would run; raise iterations (CLI: --iterations, or --extra-iterations N)"
+                )
             self.loss_history = list(checkpoint.metadata.get("loss_history", []))
             if checkpoint.density_state is not None:
                 self.density = DensityStats.from_tensors(
                     checkpoint.density_state, self.model.num_gaussians, self.device
                 )
+            saved = checkpoint.metadata.get("config")
+            self.resume_changes = _changed_settings(saved if isinstance(saved, dict) else {}, config)
         # Each view's background level: density control only spawns on pixels above it.
         self._levels = [foreground_level(image) for image in targets.images]
         self._pixel = float(np.min(geometry.spacing_xyz))
         for group in self.optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
+            # A resumed state carries the old run's rates: the rates of this config replace them.
+            group["initial_lr"] = rates[group["name"]]
+        self._schedule()
+        self.last_saved: Path | None = None
+        """The last checkpoint this trainer wrote."""
         spacing = torch.as_tensor(geometry.spacing_xyz, dtype=physical.means.dtype, device=self.device)
         self._box = (
             -0.5 * spacing,
@@ -285,6 +305,27 @@ class Trainer:
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Load a resumed Adam state after checking that it belongs to this model (one group per parameter
+        tensor, moments shaped like it); ``ValueError`` names what does not match."""
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        moments = state.get("state") if isinstance(state, dict) else None
+        if not isinstance(groups, list) or not isinstance(moments, dict):
+            raise ValueError("the checkpoint's optimiser state lacks 'param_groups' or 'state'")
+        names = [g.get("name") for g in self.optimizer.param_groups]
+        if len(groups) != len(names):
+            raise ValueError(f"the checkpoint's optimiser state has {len(groups)} parameter groups, expected {names}")
+        for index, (group, name) in enumerate(zip(groups, names)):
+            shape = tuple(self._params[name].shape)
+            for ref in group.get("params", []):
+                for key, value in moments.get(ref, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != shape:
+                        raise ValueError(
+                            f"the checkpoint's optimiser state does not match its model: group {index} ({name}) "
+                            f"{key} has shape {tuple(value.shape)}, the parameter {shape}"
+                        )
+        self.optimizer.load_state_dict(state)
 
     # ----------------------------------------------------------------- control
     def pause(self) -> None:
@@ -320,7 +361,24 @@ class Trainer:
         """Write the current model (original frame) with resume state; safe to call between steps from any thread."""
         with self._lock:
             snapshot = self._snapshot()
-        return self._write(Path(path), snapshot)
+        path = Path(path)
+        try:
+            written = self._write(path, snapshot)
+        except (OSError, RuntimeError) as error:
+            raise SaveError(self._save_failure(path, error)) from error
+        self.last_saved = written
+        return written
+
+    def _save_failure(self, path: Path, error: BaseException) -> str:
+        """One line for a failed write: what failed, why, and which earlier checkpoint is intact."""
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if not full:
+            # torch's zip writer reports a full disk as a bare stream error ("basic_ios::clear"); ask the disk.
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(path.parent).free < 1 << 20
+        cause = "no space left on device" if full else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        kept = f"the previous checkpoint {self.last_saved} is intact" if self.last_saved else "no checkpoint was kept"
+        return f"{cause} writing {path}; {kept} (the model is at iteration {self.iteration})"
 
     def _snapshot(self) -> _Snapshot:
         state = self.optimizer.state_dict()
@@ -461,13 +519,13 @@ class Trainer:
         self.model = GaussianModel(**self._params, frame=Frame.PHYSICAL, geometry=self.targets.geometry)
 
     def _schedule(self) -> None:
-        if self.config.schedule == "none":
-            return
         progress = min(self.iteration / self.config.iterations, 1.0)
         if self.config.schedule == "cosine":
             factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        else:
+        elif self.config.schedule == "exponential":
             factor = 0.1**progress
+        else:
+            factor = 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
 
@@ -514,11 +572,24 @@ class Trainer:
             if out is not None and self.iteration % self.config.save_every == 0:
                 yield CheckpointEvent(self.iteration, self.save(out / f"checkpoint_iter{self.iteration}.pt"))
         images = self.render()
-        path = self.save(out / FINAL_NAME) if out is not None else None
+        # A stopped fit saves a checkpoint named by its iteration, so the final name only ever holds a finished fit.
+        name = checkpoint_name(self.iteration) if stopped else FINAL_NAME
+        path = self.save(out / name) if out is not None else None
         yield FinishedEvent(
             self.iteration, stopped, self.metrics(images), [i.cpu().numpy() for i in images], path, self.held_out,
             self.model.num_gaussians,
         )  # fmt: skip
+
+
+def _changed_settings(saved: dict[str, Any], config: FitConfig) -> list[str]:
+    """``name old -> new`` for the settings of ``config`` that differ from a resumed fit's ``saved`` ones."""
+    current = config.to_dict()
+    ignored = {"out", "iterations", "device", "preview_every", "save_every"}
+    return [
+        f"{name} {saved[name]!r} -> {value!r}"
+        for name, value in current.items()
+        if name in saved and name not in ignored and saved[name] != value
+    ]
 
 
 def _check_held_out(targets: Targets, held_out: Targets) -> None:
