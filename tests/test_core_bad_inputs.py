@@ -10,6 +10,7 @@ import tifffile
 import torch
 
 import napari_neurogs_mip.train as train_module
+from cli_checks import assert_bad_input
 from napari_neurogs_mip.cli import main
 from napari_neurogs_mip.frames import VolumeGeometry
 from napari_neurogs_mip.init import init_from_volume
@@ -37,20 +38,6 @@ def volume_tif(tmp_path: Path) -> Path:
     path = tmp_path / "volume.tif"
     tifffile.imwrite(path, (rng.random((12, 24, 24)) ** 6).astype(np.float32))
     return path
-
-
-def _assert_bad_input(capsys, argv: list[str], *fragments: str, out: Path | None = None) -> str:
-    """Run the CLI; exit status 2, every fragment in stderr, and nothing written to ``out``."""
-    status = main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, f"exit status {status}; stderr: {captured.err}"
-    for fragment in fragments:
-        assert fragment in captured.err, f"{fragment!r} not in stderr: {captured.err}"
-    assert "Traceback" not in captured.err
-    if out is not None:
-        assert not out.exists() or not any(out.iterdir()), f"partial output left in {out}: {list(out.iterdir())}"
-        assert not list(out.parent.rglob("*.tmp")), "temporary file left behind"
-    return captured.err
 
 
 def _fit(volume_tif: Path, out: Path, *extra: str) -> list[str]:
@@ -97,12 +84,12 @@ CHECKPOINT_CASES = ["not-a-torch-file", "random-bytes", "unknown-keys", "wrong-s
 def test_bad_checkpoint_through_every_command(tmp_path, capsys, volume_tif, case):
     path, fragments = _bad_checkpoints(tmp_path)[case]
     out = tmp_path / "out"
-    _assert_bad_input(capsys, [*_fit(volume_tif, out), "--checkpoint", str(path)], *fragments, out=out)
+    assert_bad_input(capsys, [*_fit(volume_tif, out), "--checkpoint", str(path)], *fragments, unchanged=[out])
     rendered = tmp_path / "rendered"
     rendered.mkdir()
-    _assert_bad_input(capsys, ["render", str(path), "--out", str(rendered / "mips.tif"), "--shape", "8", "16", "16",
-                               "--backend", "torch", "--device", "cpu"], *fragments, out=rendered)  # fmt: skip
-    _assert_bad_input(capsys, ["info", str(path)], *fragments)
+    assert_bad_input(capsys, ["render", str(path), "--out", str(rendered / "mips.tif"), "--shape", "8", "16", "16",
+                               "--backend", "torch", "--device", "cpu"], *fragments, unchanged=[rendered])  # fmt: skip
+    assert_bad_input(capsys, ["info", str(path)], *fragments)
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
 
@@ -113,8 +100,8 @@ def test_truncated_real_checkpoint(shared_checkpoints, tmp_path, capsys, volume_
     cut = tmp_path / f"half_{source.name}"
     cut.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    _assert_bad_input(capsys, [*_fit(volume_tif, out), "--checkpoint", str(cut)], cut.name, "truncated", out=out)
-    _assert_bad_input(capsys, ["info", str(cut)], cut.name)
+    assert_bad_input(capsys, [*_fit(volume_tif, out), "--checkpoint", str(cut)], cut.name, "truncated", unchanged=[out])
+    assert_bad_input(capsys, ["info", str(cut)], cut.name)
 
 
 def test_truncated_own_checkpoint(tmp_path, capsys):
@@ -124,7 +111,7 @@ def test_truncated_own_checkpoint(tmp_path, capsys):
     for fraction in (0.5, 0.9, 0.1):
         cut = tmp_path / f"cut{fraction}.pt"
         cut.write_bytes(data[: int(len(data) * fraction)])
-        _assert_bad_input(capsys, ["info", str(cut)], cut.name, "not a readable PyTorch checkpoint")
+        assert_bad_input(capsys, ["info", str(cut)], cut.name, "not a readable PyTorch checkpoint")
 
 
 # ------------------------------------------------------------------ targets
@@ -132,16 +119,16 @@ def test_non_tiff_target(tmp_path, capsys):
     path = tmp_path / "stack.tif"
     path.write_text("this is not a TIFF")
     out = tmp_path / "out"
-    _assert_bad_input(capsys, _fit(path, out), "stack.tif", "not a readable TIFF", out=out)
-    _assert_bad_input(capsys, ["fit", "--target", str(tmp_path / "missing.tif"), "--out", str(out)], "missing.tif",
-                      out=out)  # fmt: skip
+    assert_bad_input(capsys, _fit(path, out), "stack.tif", "not a readable TIFF", unchanged=[out])
+    assert_bad_input(capsys, ["fit", "--target", str(tmp_path / "missing.tif"), "--out", str(out)], "missing.tif",
+                      unchanged=[out])  # fmt: skip
 
 
 def test_2d_tiff_where_3d_is_needed(tmp_path, capsys):
     path = tmp_path / "plane.tif"
     tifffile.imwrite(path, np.random.default_rng(0).random((20, 20)).astype(np.float32))
     out = tmp_path / "out"
-    _assert_bad_input(capsys, _fit(path, out), "plane.tif", "2D", "3D", out=out)
+    assert_bad_input(capsys, _fit(path, out), "plane.tif", "2D", "3D", unchanged=[out])
 
 
 def test_5d_hyperstack_without_axis_choice(tmp_path, capsys):
@@ -149,16 +136,16 @@ def test_5d_hyperstack_without_axis_choice(tmp_path, capsys):
     data = np.random.default_rng(0).random((2, 6, 3, 20, 20)).astype(np.float32)
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TZCYX"})
     out = tmp_path / "out"
-    _assert_bad_input(capsys, _fit(path, out), "hyper.tif", "T=2", "C=3", "--time", out=out)
-    _assert_bad_input(capsys, _fit(path, out, "--time", "1"), "hyper.tif", "choose a channel", out=out)
-    _assert_bad_input(capsys, _fit(path, out, "--time", "1", "--channel", "3"), "hyper.tif", "index 3", out=out)
+    assert_bad_input(capsys, _fit(path, out), "hyper.tif", "T=2", "C=3", "--time", unchanged=[out])
+    assert_bad_input(capsys, _fit(path, out, "--time", "1"), "hyper.tif", "choose a channel", unchanged=[out])
+    assert_bad_input(capsys, _fit(path, out, "--time", "1", "--channel", "3"), "hyper.tif", "index 3", unchanged=[out])
 
 
 def test_constant_volume(tmp_path, capsys):
     path = tmp_path / "flat.tif"
     tifffile.imwrite(path, np.full((8, 20, 20), 7.0, dtype=np.float32))
     out = tmp_path / "out"
-    _assert_bad_input(capsys, _fit(path, out), "constant", "low=7.0, high=7.0", out=out)
+    assert_bad_input(capsys, _fit(path, out), "constant", "low=7.0, high=7.0", unchanged=[out])
 
 
 # ------------------------------------------------------------------ settings
@@ -188,27 +175,27 @@ def test_bad_settings(tmp_path, capsys, volume_tif, flags, fragments):
     if "--iterations" in flags:
         index = args.index("--iterations")
         del args[index : index + 2]
-    _assert_bad_input(capsys, [*args, *flags], *fragments, out=out)
+    assert_bad_input(capsys, [*args, *flags], *fragments, unchanged=[out])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda(tmp_path, capsys, volume_tif):
     out = tmp_path / "out"
     args = [a if a != "cpu" else "cuda" for a in _fit(volume_tif, out)]
-    _assert_bad_input(capsys, args, "device 'cuda'", "not available", out=out)
+    assert_bad_input(capsys, args, "device 'cuda'", "not available", unchanged=[out])
 
 
 def test_unwritable_out(tmp_path, capsys, volume_tif):
     blocker = tmp_path / "a_file"
     blocker.write_text("a regular file where a folder should be")
     out = blocker / "run"
-    _assert_bad_input(capsys, _fit(volume_tif, out), str(out), "a_file", "not a writable folder")
+    assert_bad_input(capsys, _fit(volume_tif, out), str(out), "a_file", "not a writable folder")
     assert blocker.read_text() == "a regular file where a folder should be"
     volume = np.zeros((4, 8, 8))
     volume[2, 2:6, 1:7] = 8.0
     model = init_from_volume(volume, VolumeGeometry((4, 8, 8)), 5, 0.0, 8.0)
     checkpoint = save_checkpoint(tmp_path / "ok.pt", model)
-    _assert_bad_input(capsys, ["render", str(checkpoint), "--out", str(blocker / "mips.tif"), "--backend", "torch",
+    assert_bad_input(capsys, ["render", str(checkpoint), "--out", str(blocker / "mips.tif"), "--backend", "torch",
                                "--device", "cpu"], "a_file")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "ok.pt", "volume.tif"]
 

@@ -118,13 +118,17 @@ def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
         *_spellings("--views"), help="comma list of views: xy, xz, yz, or AZ:EL in degrees (e.g. xy,xz,yz,30:15)"
     )
     parser.add_argument(
-        "--num_views", type=_positive_int,
+        *_spellings("--num_views"), type=_positive_int,
         help="1-3: xy, xz, yz; more adds orbit views (default: fit xy,xz,yz,45:35,135:-35 of a volume; "
         "render, eval: xy,xz,yz)",
     )  # fmt: skip
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--resolution", type=_positive_int, nargs=2, metavar=("H", "W"), help="resample every view to H x W"
+        *_spellings("--resolution"),
+        type=_positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="resample every view to H x W",
     )
     group.add_argument(
         *_spellings("--downsample"), type=_positive_float, help="downsampling factor (area averaging); keeps aspect"
@@ -158,7 +162,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         *_spellings("--target-mips"), help="TIFF of precomputed MIP images (2D per view, or a named stack)"
     )
     fit.add_argument(
-        "--volume-shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
+        *_spellings("--volume-shape"), type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
         help="volume shape for --target-mips whose axis views do not show every axis (default: the checkpoint's)",
     )  # fmt: skip
     _add_selection_flags(fit)
@@ -167,11 +171,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     model.add_argument(*_spellings("--checkpoint"), help="NeuRoGS-family .pt file to start from (or resume, if ours)")
     model.add_argument(*_spellings("--swc"), help="SWC skeleton to place Gaussians along")
     model.add_argument(
-        "--num_gaussians", type=_positive_int,
+        *_spellings("--num_gaussians"), type=_positive_int,
         help="initial Gaussians from scratch (default: one per foreground cell, see docs/quality.md)",
     )  # fmt: skip
     model.add_argument(
-        "--init", default="foreground", choices=["foreground", "intensity"],
+        *_spellings("--init"), default="foreground", choices=["foreground", "intensity"],
         help="start from scratch: spread over the foreground, or drawn by brightness (the seed design)",
     )  # fmt: skip
     _add_geometry_flags(fit)
@@ -200,17 +204,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     density = fit.add_argument_group("density control (spawn, clone, split, prune)")
     density.add_argument(
-        "--densify", default=True, action=argparse.BooleanOptionalAction,
+        *_spellings("--densify"), default=True, action=argparse.BooleanOptionalAction,
         help="add Gaussians where the render misses the target and remove idle ones (default: on)",
     )  # fmt: skip
     density.add_argument(
         *_spellings("--densify-every"), type=_positive_int, default=100, help="steps between density checks"
     )
     density.add_argument(
-        "--densify-until", type=_non_negative_int, help="last step of density control (default: 3/4 of --iterations)"
+        *_spellings("--densify-until"),
+        type=_non_negative_int,
+        help="last step of density control (default: 3/4 of --iterations)",
     )
     density.add_argument(
-        "--max-gaussians", type=_positive_int,
+        *_spellings("--max-gaussians"), type=_positive_int,
         help="budget of Gaussians (default: 60000 on the CPU, 1000000 on CUDA)",
     )  # fmt: skip
     fit.add_argument(*_spellings("--lambda_mse"), type=float, default=1.0, help="weight of the mean squared error")
@@ -260,7 +266,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     _add_selection_flags(evaluate)
     evaluate.add_argument(
-        "--eval-views", help="comma list of views to mark held-out (default: the checkpoint's own held-out views)"
+        *_spellings("--eval-views"),
+        help="comma list of views to mark held-out (default: the checkpoint's own held-out views)",
     )
     evaluate.add_argument(*_spellings("--mode"), choices=MODES, help="render mode (default: the checkpoint's)")
     evaluate.add_argument(
@@ -339,8 +346,15 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
         if len(items) != action.nargs:
             raise ValueError(f"{where} needs {action.nargs} values (or one for all), got {value!r}")
         return [_config_scalar(action, item, where) for item in items]
-    if isinstance(value, (list, tuple)) and action.dest in ("views", "eval_views"):
-        value = ",".join(str(item) for item in value)
+    if action.dest in ("views", "eval_views"):
+        from .views import parse_view_specs
+
+        text = ",".join(str(item) for item in value) if isinstance(value, (list, tuple)) else str(value)
+        try:
+            parse_view_specs(text)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        return text
     return _config_scalar(action, value, where)
 
 
