@@ -480,6 +480,10 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
             f"density control: every {config.densify_every} steps until step {config.last_densify}, "
             f"at most {trainer.budget} Gaussians"
         )
+    if trainer.compiles_kernels:
+        # The first call compiles for 10-60 s on a new machine; the progress bar's clock starts after it.
+        print(f"compiling the {trainer.renderer.backend} renderer's kernels (once per machine)...", flush=True)
+        print(f"kernels ready in {trainer.warm_up():.1f} s", flush=True)
     with (
         _StopOnSignals(trainer) as signals,
         tqdm(total=config.iterations, initial=trainer.iteration, unit="it", dynamic_ncols=True) as bar,

@@ -414,6 +414,23 @@ class Trainer:
         )  # fmt: skip
 
     # --------------------------------------------------------------------- fit
+    @property
+    def compiles_kernels(self) -> bool:
+        """Whether the renderer's first call compiles kernels (numba on the CPU, Triton on CUDA): seconds to a
+        minute on a machine that has no cached copy yet."""
+        return self.renderer.backend in ("cpu", "triton")
+
+    def warm_up(self) -> float:
+        """Compile (or load from the cache) every kernel a step uses, on a few of the Gaussians, leaving the fit
+        untouched; returns the seconds it took.  Call it before timing steps."""
+        start = time.perf_counter()
+        with self._lock, torch_threads(self.renderer.torch_threads):
+            few = {n: t.detach()[:8].clone().requires_grad_(True) for n, t in self._params.items()}
+            model = GaussianModel(**few, frame=Frame.PHYSICAL, geometry=self.targets.geometry)
+            loss, _ = mip_loss(self.renderer.render(model, self.targets.views), self._target_tensors, self.weights)
+            loss.backward()
+        return time.perf_counter() - start
+
     def render(self) -> list[torch.Tensor]:
         """Render the current model into the target views (no gradient)."""
         with torch.no_grad():
