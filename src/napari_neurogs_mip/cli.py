@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import signal
 import sys
@@ -49,13 +50,6 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {text}")
     return value
 
 
@@ -106,6 +100,59 @@ def _with_options(action: argparse.Action, options: list[str]) -> argparse.Actio
     return shown
 
 
+CONFIG_GROUPS = {
+    "optimisation": "optimisation",
+    "loss": "loss (averaged over views)",
+    "render": "rendering",
+    "density": "density control (spawn, clone, split, prune)",
+    "run": "device and run",
+}
+"""Help sections of the :class:`.train.FitConfig` flags, by :attr:`.settings.Setting.group`."""
+CONFIG_FLAGS_LEFT_OUT = ("preview_every",)
+"""FitConfig settings that only the GUI uses."""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`.train.FitConfig` setting, built from its description (help, range, choices,
+    default).  Every flag defaults to ``None`` (not given), so a config file and FitConfig's own defaults apply."""
+    from .settings import settings_of
+    from .train import FitConfig
+
+    groups = {key: parser.add_argument_group(title) for key, title in CONFIG_GROUPS.items()}
+    for item in settings_of(FitConfig):
+        if item.name in CONFIG_FLAGS_LEFT_OUT:
+            continue
+        described = item.setting
+        text = described.help + (f" [{described.unit}]" if described.unit else "")
+        if item.default is not None and "default" not in text:
+            shown = ("on" if item.default else "off") if item.kind is bool else f"{item.default:g}" if isinstance(
+                item.default, float) else item.default  # fmt: skip
+            text += f" (default: {shown})"
+        options: dict[str, Any] = {"dest": item.name, "default": None, "help": text}
+        if item.kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = _setting_type(item)
+            options["choices"] = described.choices
+        groups[described.group].add_argument(*_spellings(described.flag_name(item.name)), **options)
+
+
+def _setting_type(item: Any) -> Any:
+    """The argparse ``type`` of a described setting: parse, then check its range (argparse names the flag)."""
+    from .settings import check_value
+
+    def convert(text: str) -> Any:
+        value = item.kind(text)
+        try:
+            check_value(item, value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{item.name} ")) from None
+        return value
+
+    convert.__name__ = item.kind.__name__  # argparse says "invalid int value" for text that does not parse
+    return convert
+
+
 def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         *_spellings("--channel"), type=_non_negative_int, help="channel index (0-based) of a hyperstack"
@@ -142,8 +189,7 @@ def _add_geometry_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The argument parser of ``neurogs-mip`` and its sub-command parsers by name."""
     from .device import DEVICES
-    from .render import BACKENDS, DEFAULT_BETA, MODES
-    from .train import SCHEDULES
+    from .render import BACKENDS, MODES
 
     parser = argparse.ArgumentParser(
         prog="neurogs-mip", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
@@ -166,7 +212,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="volume shape for --target-mips whose axis views do not show every axis (default: the checkpoint's)",
     )  # fmt: skip
     _add_selection_flags(fit)
-    fit.add_argument(*_spellings("--normalize"), default="background", choices=["background", "minmax", "percentile"])
+    fit.add_argument(
+        *_spellings("--normalize"), default="background", choices=["background", "minmax", "percentile"],
+        help="how target intensities map to [0, 1]",
+    )  # fmt: skip
     model = fit.add_argument_group("initial model")
     model.add_argument(*_spellings("--checkpoint"), help="NeuRoGS-family .pt file to start from (or resume, if ours)")
     model.add_argument(*_spellings("--swc"), help="SWC skeleton to place Gaussians along")
@@ -182,63 +231,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     fit.add_argument(
         *_spellings("--eval-views"), help="comma list of held-out views (e.g. 30:20,120:-15): scored, never trained on"
     )
-    fit.add_argument(
-        *_spellings("--iterations"), type=_positive_int,
-        help="total steps to reach, counting a resumed checkpoint's (default: 1000)",
-    )  # fmt: skip
+    _add_config_flags(fit)
     fit.add_argument(
         *_spellings("--extra-iterations"), type=_positive_int,
         help="steps to run beyond a resumed checkpoint's iteration (instead of --iterations)",
     )  # fmt: skip
-    fit.add_argument(
-        *_spellings("--lr"), type=float, default=1e-3, help="learning rate of the means (fraction of the longest side)"
-    )
-    fit.add_argument(
-        *_spellings("--lr-scales"), type=_positive_float, default=1e-2, help="learning rate of the log-scales"
-    )
-    fit.add_argument(
-        *_spellings("--lr-rotations"), type=_positive_float, default=1e-2, help="learning rate of the quaternions"
-    )
-    fit.add_argument(
-        *_spellings("--lr-amplitudes"), type=_positive_float, default=1e-2, help="learning rate of the log-amplitudes"
-    )
-    density = fit.add_argument_group("density control (spawn, clone, split, prune)")
-    density.add_argument(
-        *_spellings("--densify"), default=True, action=argparse.BooleanOptionalAction,
-        help="add Gaussians where the render misses the target and remove idle ones (default: on)",
-    )  # fmt: skip
-    density.add_argument(
-        *_spellings("--densify-every"), type=_positive_int, default=100, help="steps between density checks"
-    )
-    density.add_argument(
-        *_spellings("--densify-until"),
-        type=_non_negative_int,
-        help="last step of density control (default: 3/4 of --iterations)",
-    )
-    density.add_argument(
-        *_spellings("--max-gaussians"), type=_positive_int,
-        help="budget of Gaussians (default: 60000 on the CPU, 1000000 on CUDA)",
-    )  # fmt: skip
-    fit.add_argument(*_spellings("--lambda_mse"), type=float, default=1.0, help="weight of the mean squared error")
-    fit.add_argument(*_spellings("--lambda_ssim"), type=float, default=0.1, help="weight of 1 - SSIM")
-    fit.add_argument(*_spellings("--lambda_l1"), type=float, default=0.0, help="weight of the mean absolute error")
-    fit.add_argument(*_spellings("--mode"), default="soft", choices=MODES, help="MIP the fit renders")
-    fit.add_argument(
-        *_spellings("--beta"), type=_positive_float, default=DEFAULT_BETA, help="soft-MIP sharpness, 1/intensity"
-    )
-    fit.add_argument(*_spellings("--eps"), type=float, default=0.3, help="pixel filter, px^2")
-    fit.add_argument(
-        *_spellings("--schedule"), default="cosine", choices=SCHEDULES, help="learning-rate decay to 0.1x over the fit"
-    )
-    fit.add_argument(*_spellings("--device"), default="auto", choices=DEVICES, help="where to compute")
-    fit.add_argument(*_spellings("--backend"), default="auto", choices=BACKENDS, help="renderer")
-    fit.add_argument(*_spellings("--save-every"), type=_positive_int, default=500, help="steps between checkpoints")
     fit.add_argument(*_spellings("--out"), default="neurogs_mip_out", help="output folder")
     fit.add_argument(
         *_spellings("--overwrite"), action="store_true",
         help="replace the model files of an earlier run in --out (otherwise refused)",
     )  # fmt: skip
-    fit.add_argument(*_spellings("--seed"), type=_seed, default=0, help="random seed (initialisation, sample)")
 
     render = commands.add_parser("render", help="render a checkpoint's MIPs to a TIFF", **kinds)
     render.add_argument("checkpoint")
@@ -431,6 +433,15 @@ def _fit(args: argparse.Namespace) -> int:
         return _run_fit(args, out)
 
 
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`.train.FitConfig` settings given as flags or in the config file (the others keep FitConfig's
+    defaults)."""
+    from .settings import settings_of
+    from .train import FitConfig
+
+    return {f.name: getattr(args, f.name) for f in settings_of(FitConfig) if getattr(args, f.name, None) is not None}
+
+
 def _run_fit(args: argparse.Namespace, out: Path) -> int:
     from tqdm import tqdm
 
@@ -439,29 +450,22 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
     from .train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
     from .views import parse_view_specs
 
+    config = FitConfig(**_given_settings(args), out=str(out))
     inputs = FitInputs(
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
         normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
-        max_gaussians=args.max_gaussians, init=args.init, seed=args.seed,
+        max_gaussians=config.max_gaussians, init=args.init, seed=config.seed,
         eval_specs=parse_view_specs(args.eval_views) if args.eval_views else [],
     )  # fmt: skip
     prepared = prepare_fit(inputs)
     for line in prepared.notes:
         print(line)
-    iterations = args.iterations or FitConfig.iterations
     if args.extra_iterations is not None:
         start = prepared.checkpoint.iteration if prepared.checkpoint is not None else 0
-        iterations = start + args.extra_iterations
-    config = FitConfig(
-        iterations=iterations, lr=args.lr, lr_scales=args.lr_scales, lr_rotations=args.lr_rotations,
-        lr_amplitudes=args.lr_amplitudes, lambda_mse=args.lambda_mse, lambda_ssim=args.lambda_ssim,
-        lambda_l1=args.lambda_l1, mode=args.mode, beta=args.beta, eps=args.eps, device=args.device,
-        backend=args.backend, schedule=args.schedule, save_every=args.save_every, seed=args.seed, out=str(out),
-        densify=args.densify, densify_every=args.densify_every, densify_until=args.densify_until,
-        max_gaussians=args.max_gaussians,
-    )  # fmt: skip
+        config = dataclasses.replace(config, iterations=start + args.extra_iterations)
+    iterations = config.iterations
     if prepared.checkpoint is not None and prepared.checkpoint.iteration >= iterations:
         raise ValueError(
             f"--checkpoint {args.checkpoint} is at iteration {prepared.checkpoint.iteration} and --iterations "

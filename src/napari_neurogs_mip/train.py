@@ -37,15 +37,16 @@ import numpy as np
 import torch
 
 from .densify import DensityChange, DensityStats, NewGaussians, plan_change, spawn, win_counts
-from .device import resolve_device, torch_threads
+from .device import DEVICES, resolve_device, torch_threads
 from .frames import Frame
 from .io.checkpoint import Checkpoint, save_checkpoint
 from .io.run_folder import FINAL_NAME, checkpoint_name
 from .losses import SSIM_WINDOW, LossWeights, mip_loss
 from .metrics import foreground_level, score
 from .model import GaussianModel
-from .render import DEFAULT_BETA, MODES, Renderer
+from .render import BACKENDS, DEFAULT_BETA, MODES, Renderer
 from .render.field import check_field_views
+from .settings import check_settings, setting
 from .targets import Targets
 from .views import View
 
@@ -65,62 +66,45 @@ class SaveError(TrainingError):
 
 @dataclass
 class FitConfig:
-    """Settings of a fit (plain types, saved in checkpoints)."""
+    """Settings of a fit (plain types, saved in checkpoints); each is described once here (:mod:`.settings`),
+    and the CLI flags and the widget controls are built from these descriptions."""
 
-    iterations: int = 1000
-    lr: float = 1e-3
-    lr_scales: float = 1e-2
-    lr_rotations: float = 1e-2
-    lr_amplitudes: float = 1e-2
-    lambda_mse: float = 1.0
-    lambda_ssim: float = 0.1
-    lambda_l1: float = 0.0
-    mode: str = "soft"
-    beta: float = DEFAULT_BETA
-    eps: float = 0.3
-    compensate: bool = False
-    device: str = "auto"
-    backend: str = "auto"
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
-    save_every: int = 500
-    preview_every: int = 10
-    seed: int = 0
+    iterations: int = setting(1000, "total steps to reach, counting a resumed checkpoint's", minimum=1, unit="steps")
+    lr: float = setting(1e-3, "learning rate of the means (fraction of the longest side)", positive=True)
+    lr_scales: float = setting(1e-2, "learning rate of the log-scales", positive=True)
+    lr_rotations: float = setting(1e-2, "learning rate of the quaternions", positive=True)
+    lr_amplitudes: float = setting(1e-2, "learning rate of the log-amplitudes", positive=True)
+    lambda_mse: float = setting(1.0, "weight of the mean squared error", minimum=0, group="loss", flag="--lambda_mse")
+    lambda_ssim: float = setting(0.1, "weight of 1 - SSIM", minimum=0, group="loss", flag="--lambda_ssim")
+    lambda_l1: float = setting(0.0, "weight of the mean absolute error", minimum=0, group="loss", flag="--lambda_l1")
+    mode: str = setting("soft", "the MIP the fit renders", choices=MODES, group="render")
+    beta: float = setting(DEFAULT_BETA, "soft-MIP sharpness (1/intensity)", positive=True, group="render")
+    eps: float = setting(0.3, "pixel filter added to each projected covariance", minimum=0, group="render",
+                         unit="px^2")  # fmt: skip
+    compensate: bool = setting(False, "scale amplitudes for the pixel filter (as 3DGS anti-aliasing)", group="render")
+    device: str = setting("auto", "where to compute", choices=DEVICES, group="run")
+    backend: str = setting("auto", "renderer backend", choices=BACKENDS, group="run")
+    schedule: str = setting("cosine", "learning-rate decay to 0.1x over the fit", choices=SCHEDULES)
+    grad_clip: float = setting(1.0, "largest gradient norm of a step", positive=True)
+    save_every: int = setting(500, "steps between checkpoints", minimum=1, group="run", unit="steps")
+    preview_every: int = setting(10, "steps between rendered previews", minimum=1, group="run", unit="steps")
+    seed: int = setting(0, "random seed (initialisation, sample)", minimum=0, maximum=2**63 - 1, group="run")
     out: str | None = None
-    densify: bool = True
-    densify_every: int = 100
-    densify_until: int | None = None
-    max_gaussians: int | None = None
+    densify: bool = setting(True, "add Gaussians where the render misses the target, remove idle ones",
+                            group="density")  # fmt: skip
+    densify_every: int = setting(100, "steps between density checks", minimum=1, group="density", unit="steps")
+    densify_until: int | None = setting(None, "last step of density control (default: 3/4 of the iterations)",
+                                        minimum=0, group="density", unit="steps")  # fmt: skip
+    max_gaussians: int | None = setting(None, f"budget of Gaussians (default: {DEFAULT_BUDGET['cpu']} on the CPU, {DEFAULT_BUDGET['cuda']} on CUDA)",
+                                        minimum=1, group="density")  # fmt: skip
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {self.iterations}")
-        for name in ("lr", "lr_scales", "lr_rotations", "lr_amplitudes"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if not isinstance(self.densify, bool):
-            raise ValueError(f"densify must be true or false, got {self.densify!r}")
-        if not isinstance(self.densify_every, int) or self.densify_every < 1:
-            raise ValueError(f"densify_every must be a positive integer, got {self.densify_every}")
-        if self.densify_until is not None and (not isinstance(self.densify_until, int) or self.densify_until < 0):
-            raise ValueError(f"densify_until must be an integer >= 0, got {self.densify_until}")
-        if self.max_gaussians is not None and (not isinstance(self.max_gaussians, int) or self.max_gaussians < 1):
-            raise ValueError(f"max_gaussians must be a positive integer, got {self.max_gaussians}")
+        check_settings(self)
         LossWeights(self.lambda_mse, self.lambda_ssim, self.lambda_l1)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        for name in ("save_every", "preview_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-typed copy."""
