@@ -175,6 +175,12 @@ def test_resumed_fit_continues_exactly(tmp_path):
     assert float((fresh.model.means - uninterrupted.model.means).detach().abs().max()) > 1e-4
 
 
+def _adam_state(model: GaussianModel) -> dict:
+    """A fresh Adam state as the trainer saves it: one group per parameter, in the model's order."""
+    groups = [{"params": [t.clone().requires_grad_()], "name": n} for n, t in model.tensors().items()]
+    return torch.optim.Adam(groups).state_dict()
+
+
 def test_own_checkpoint_on_another_volume_restarts_from_the_mapped_model(tmp_path):
     fitted_on = VolumeGeometry((10, 20, 20), (1.0, 1.0, 1.0))
     other = VolumeGeometry((10, 20, 20), (2.0, 0.5, 0.5))
@@ -183,7 +189,7 @@ def test_own_checkpoint_on_another_volume_restarts_from_the_mapped_model(tmp_pat
         torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2), torch.zeros(2), frame=Frame.NEUROGS, geometry=fitted_on,
     )  # fmt: skip
     path = save_checkpoint(tmp_path / "ours.pt", model, fit_model=model.to_frame(Frame.PHYSICAL),
-                           optimizer_state={"state": {}, "param_groups": []}, iteration=5)  # fmt: skip
+                           optimizer_state=_adam_state(model.to_frame(Frame.PHYSICAL)), iteration=5)  # fmt: skip
     same = load_checkpoint(path, fitted_on)
     assert same.fit_model is not None and same.optimizer_state is not None
     torch.testing.assert_close(same.fit_model.means, model.to_frame(Frame.PHYSICAL).means)

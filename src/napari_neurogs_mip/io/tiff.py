@@ -7,8 +7,12 @@ tags; whatever is missing is 1.0.  The caller may override it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +46,81 @@ class VolumeFile:
     axes: str
 
 
-def _open(path: str | os.PathLike):
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+"""First bytes of a classic or BigTIFF file, either byte order."""
+_DAMAGE_WORDS = ("offset", "corrupt", "incomplete", "truncat")
+"""Words of tifffile's log reports that mean a file is cut short or damaged (it logs them and reads on, returning
+fewer pages or falling back to a plainer layout, so a truncated stack could come back as one 2D page)."""
+
+
+class _Reports(logging.Handler):
+    """Collects what tifffile logs from this thread, instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """The open TIFF at ``path``.
+
+    The body must only read (it raises nothing of its own): any error in it, any damage tifffile reports, or pixel
+    data that run past the end of the file become a ``ValueError`` that names the file.
+    """
     import tifffile
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    logger = logging.getLogger("tifffile")
+    reports = _Reports()
+    logger.addHandler(reports)
     try:
-        return tifffile.TiffFile(path)
-    except Exception as error:  # tifffile raises several types for non-TIFF input
-        raise ValueError(f"{path} is not a readable TIFF file ({error})") from error
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as error:  # tifffile raises several types for non-TIFF or damaged input
+            raise _unreadable(path, error, reports.messages) from error
+        with tif:
+            try:
+                yield tif
+                problem = _damage(path, tif, reports.messages)
+            except MemoryError:
+                raise
+            except Exception as error:
+                raise _unreadable(path, error, reports.messages) from error
+        if problem:
+            raise ValueError(f"{path} is truncated or damaged: {problem}; copy or export the file again")
+    finally:
+        logger.removeHandler(reports)
+
+
+def _unreadable(path: Path, error: Exception, reports: list[str]) -> ValueError:
+    """The error for a file tifffile could not read: damaged when it starts like a TIFF, else not a TIFF."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head or not any(magic.startswith(head) for magic in _TIFF_MAGIC):
+        return ValueError(f"{path} is not a readable TIFF file ({error})")
+    found = [m for m in reports if any(w in m.lower() for w in _DAMAGE_WORDS)]
+    detail = f"{found[0]}; " if found else ""
+    return ValueError(
+        f"{path} is truncated or damaged: it starts as a TIFF but cannot be read ({detail}{type(error).__name__}: "
+        f"{error}); copy or export the file again"
+    )
+
+
+def _damage(path: Path, tif: Any, reports: list[str]) -> str | None:
+    """Why an opened TIFF looks cut short or damaged, or ``None``."""
+    size = path.stat().st_size
+    ends = [o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts)]
+    if ends and max(ends) > size:
+        return f"its pixel data run to byte {max(ends)}, but the file has {size} bytes"
+    found = [m for m in reports if any(w in m.lower() for w in _DAMAGE_WORDS)]
+    return f"tifffile reports {found[0]!r}" if found else None
 
 
 @dataclass(frozen=True)
@@ -82,11 +151,14 @@ def read_metadata(path: str | os.PathLike) -> TiffMetadata:
     Raises
     ------
     FileNotFoundError, ValueError
-        No such file, or not a readable TIFF.
+        No such file, not a readable TIFF, or a truncated or damaged one.
     """
+    path = Path(path)
     with _open(path) as tif:
         series, axes, spacing, source = _header(tif)
-        return TiffMetadata(spacing, source, axes, tuple(int(n) for n in series.shape))
+        shape = tuple(int(n) for n in series.shape)
+    _check_spacing(path, spacing, source)
+    return TiffMetadata(spacing, source, axes, shape)
 
 
 def read_volume(
@@ -103,33 +175,51 @@ def read_volume(
         TIFF, ImageJ hyperstack or OME-TIFF file.
     channel, time
         Index along a channel (``C``/``S``) or time (``T``) axis; required when
-        that axis has more than one entry.
+        that axis has more than one entry, refused when the file has no such axis.
     spacing_zyx
         Overrides the spacing found in the file.
 
     Raises
     ------
+    FileNotFoundError
+        No such file.
     ValueError
-        Not a TIFF, not 3D, an unchosen channel/time axis, or an index out of range.
+        Not a TIFF, truncated or damaged, not 3D, an unchosen channel/time axis, a channel or time for a file
+        without that axis, an index out of range, or NaN/Inf voxels (the message names the file).
     """
     path = Path(path)
     with _open(path) as tif:
         series, axes, spacing, source = _header(tif)
-        data = series.asarray()
-    data, axes_left = _select(path, np.asarray(data), axes, {"C": channel, "S": channel, "T": time})
+        data = np.asarray(series.asarray())
+    data, axes_left = _select(path, data, axes, channel, time)
     if data.ndim != 3:
         raise ValueError(
             f"{path} holds a {data.ndim}D image (axes {axes_left}, shape {data.shape}); a 3D Z, Y, X volume is needed"
         )
     if spacing_zyx is not None:
         spacing, source = tuple(float(s) for s in spacing_zyx), "user"
-    return VolumeFile(data.astype(np.float32, copy=False), spacing, source, axes)
+    _check_spacing(path, spacing, source)
+    with np.errstate(over="ignore"):  # values beyond float32 become Inf, which the next line reports
+        data = data.astype(np.float32, copy=False)
+    _check_finite(path, data, "the volume", "voxels")
+    return VolumeFile(data, spacing, source, axes)
 
 
-def _select(path: Path, data: np.ndarray, axes: str, choices: dict[str, int | None]) -> tuple[np.ndarray, str]:
-    """Index away every non-spatial axis; single-entry axes go silently."""
+_AXIS_FLAGS = {"--channel": ("CS", "channel"), "--time": ("T", "time")}
+"""Command-line flag -> (axis letters it indexes, what it names)."""
+
+
+def _select(path: Path, data: np.ndarray, axes: str, channel: int | None, time: int | None) -> tuple[np.ndarray, str]:
+    """Index away every non-spatial axis; single-entry axes go silently, absent ones must not be chosen."""
     if len(axes) != data.ndim:
         axes = "".join(_SPATIAL[-data.ndim :]) if data.ndim <= 3 else axes
+    sizes = ", ".join(f"{a}={n}" for a, n in zip(axes, data.shape))
+    for (flag, (letters, what)), value in zip(_AXIS_FLAGS.items(), (channel, time)):
+        if value is not None and not set(letters) & set(axes):
+            raise ValueError(
+                f"{path} has no {what} axis (axes {axes}: {sizes}), so {flag} {value} cannot apply; leave {flag} out"
+            )
+    choices = {"C": channel, "S": channel, "T": time}
     index: list[int | slice] = []
     kept = ""
     for axis, size in zip(axes, data.shape):
@@ -140,7 +230,6 @@ def _select(path: Path, data: np.ndarray, axes: str, choices: dict[str, int | No
             continue
         choice = choices.get(axis)
         if choice is None and size > 1:
-            sizes = ", ".join(f"{a}={n}" for a, n in zip(axes, data.shape))
             what = {"C": "a channel", "S": "a channel", "T": "a time point"}.get(axis, f"an index along axis {axis}")
             raise ValueError(f"{path} has axes {axes} ({sizes}); choose {what} (e.g. --channel / --time)")
         choice = 0 if choice is None else int(choice)
@@ -148,6 +237,24 @@ def _select(path: Path, data: np.ndarray, axes: str, choices: dict[str, int | No
             raise ValueError(f"{path}: index {choice} is out of range for axis {axis} of size {size}")
         index.append(choice)
     return data[tuple(index)], kept
+
+
+def _check_spacing(path: Path, spacing: tuple[float, float, float], source: str) -> None:
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(
+            f"{path}: the voxel spacing (z, y, x) {spacing} from {source} is not 3 positive finite numbers; "
+            "give it with --voxel-size Z Y X"
+        )
+
+
+def _check_finite(path: Path, data: np.ndarray, what: str, unit: str) -> None:
+    """Refuse NaN/Inf (after the float32 conversion, so values beyond its range count too)."""
+    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise ValueError(
+            f"{path}: {what} holds {bad} non-finite {unit} (NaN, Inf, or beyond the float32 range) of {data.size}; "
+            "expected finite intensities"
+        )
 
 
 def _header(tif) -> tuple[Any, str, tuple[float, float, float], str]:
@@ -251,31 +358,73 @@ def write_mips(
 def read_mips(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, np.ndarray]:
     """Read MIP images: one 2D TIFF, a stack of equal-sized views, or a file from :func:`write_mips`.
 
-    View names come from the page descriptions written by :func:`write_mips`,
-    ImageJ slice labels, or ``names`` (which overrides both).
+    View names come from the page descriptions written by :func:`write_mips`
+    (``{"view": name, ...}``), ImageJ slice labels, or ``names`` (which
+    overrides both).  Names found in the file must be view names (``xy``,
+    ``xz``, ``yz`` or ``AZ:EL``); no view may appear twice.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a TIFF, truncated or damaged, not 2D images, unnamed views, a name that is no view name (e.g. ``42``), a
+        view twice, or NaN/Inf pixels (the message names the file and the page).
     """
     path = Path(path)
     with _open(path) as tif:
-        labelled = []
-        for page in tif.pages:
-            try:
-                info = json.loads(page.description or "")
-            except ValueError:
-                info = None
-            labelled.append(info.get("view") if isinstance(info, dict) else None)
-        if all(labelled):
-            images = [page.asarray() for page in tif.pages]
-            found = labelled
+        found = [_page_view(page.description) for page in tif.pages]
+        labelled = bool(found) and all(name is not None for name in found)
+        if labelled:
+            images = [np.asarray(page.asarray()) for page in tif.pages]
         else:
             data = np.asarray(tif.series[0].asarray())
-            images = [data] if data.ndim == 2 else list(data) if data.ndim == 3 else None
-            if images is None:
-                raise ValueError(f"{path} holds a {data.ndim}D array; MIPs must be one 2D image or a stack of 2D views")
             labels = (tif.imagej_metadata or {}).get("Labels")
-            found = list(labels) if labels and len(labels) == len(images) else None
-    names = names or found
-    if names is None:
+    if not labelled:
+        if data.ndim not in (2, 3):
+            raise ValueError(f"{path} holds a {data.ndim}D array; MIPs must be one 2D image or a stack of 2D views")
+        images = [data] if data.ndim == 2 else list(data)
+        found = list(labels) if labels and len(labels) == len(images) else None
+    chosen = names if names is not None else found
+    if chosen is None:
         raise ValueError(f"{path} does not name its views; pass the view names (e.g. --views xy,xz,yz)")
-    if len(names) != len(images):
-        raise ValueError(f"{path} holds {len(images)} MIP images but {len(names)} view names were given: {names}")
-    return {name: np.asarray(image, dtype=np.float32) for name, image in zip(names, images)}
+    if len(chosen) != len(images):
+        raise ValueError(f"{path} holds {len(images)} MIP images but {len(chosen)} view names were given: {chosen}")
+    _check_view_names(path, chosen, from_file=names is None)
+    mips = {}
+    for page, (name, image) in enumerate(zip(chosen, images), start=1):
+        if image.ndim != 2:
+            raise ValueError(f"{path}: page {page} (view {name!r}) holds a {image.ndim}D image; expected a 2D MIP")
+        with np.errstate(over="ignore"):  # values beyond float32 become Inf, which the next line reports
+            mips[name] = image.astype(np.float32, copy=False)
+        _check_finite(path, mips[name], f"page {page} (view {name!r})", "pixels")
+    return mips
+
+
+def _page_view(description: str | None) -> Any:
+    """The ``view`` entry of a page description written by :func:`write_mips` (any JSON type), else ``None``."""
+    try:
+        info = json.loads(description or "")
+    except ValueError:
+        return None
+    return info.get("view") if isinstance(info, dict) else None
+
+
+def _check_view_names(path: Path, names: list[Any], from_file: bool) -> None:
+    """Refuse a name the file gives that is no view name, and any view named twice (``30:15`` is ``az30_el15``)."""
+    from ..views import AXIS_VIEWS, parse_orbit
+
+    pages: dict[Any, int] = {}
+    for page, name in enumerate(names, start=1):
+        key: Any = name
+        if from_file:
+            try:
+                key = name if name in AXIS_VIEWS else parse_orbit(name)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}: page {page} names its view {name!r}; expected a view name: xy, xz, yz or AZ:EL in "
+                    "degrees (e.g. 30:15 or az30_el15)"
+                ) from None
+        if key in pages:
+            raise ValueError(f"{path}: pages {pages[key]} and {page} both hold view {name!r}; expected each view once")
+        pages[key] = page
