@@ -42,22 +42,24 @@ def finished_run(tmp_path: Path, volume_tif: Path, capsys) -> Path:
 # ------------------------------------------------------------------------------------------------ render --out
 def test_render_never_overwrites_its_own_checkpoint(finished_run, capsys):
     model = finished_run / FINAL_NAME
-    assert_bad_input(capsys, ["render", str(model), "--out", str(model)], "--out", "input itself", unchanged=[model])
+    assert_bad_input(capsys, ["render", str(model), "--out", str(model)], "--out", "would replace the checkpoint",
+                     unchanged=[model])  # fmt: skip
     link = finished_run / "link.tif"
     link.symlink_to(model)
-    assert_bad_input(capsys, ["render", str(model), "--out", str(link), "--overwrite"], "input itself",
+    assert_bad_input(capsys, ["render", str(model), "--out", str(link), "--overwrite"], "would replace the checkpoint",
                      unchanged=[model])  # fmt: skip
 
 
-def test_render_refuses_an_existing_file_unless_overwrite(finished_run, volume_tif, tmp_path, capsys):
-    model, existing = finished_run / FINAL_NAME, tmp_path / "mips.tif"
+def test_render_refuses_existing_files_unless_overwrite(finished_run, volume_tif, tmp_path, capsys):
+    model, existing = finished_run / FINAL_NAME, tmp_path / "mips_xy.tif"
     existing.write_bytes(b"precious")
-    assert_bad_input(capsys, ["render", str(model), "--out", str(existing)], "--out", "exists", "--overwrite",
-                     unchanged=[existing])  # fmt: skip
+    out = str(tmp_path / "mips.tif")  # writes mips_xy.tif, mips_xz.tif, mips_yz.tif
+    assert_bad_input(capsys, ["render", str(model), "--out", out], "mips_xy.tif", "exist", "--overwrite",
+                     unchanged=[tmp_path])  # fmt: skip
     assert_bad_input(capsys, ["render", str(model), "--out", str(volume_tif), "--target", str(volume_tif),
-                              "--overwrite"], "--target", unchanged=[volume_tif])  # fmt: skip
-    assert main(["render", str(model), "--out", str(existing), "--overwrite", "--backend", "torch"]) == 0
-    assert tifffile.imread(existing).ndim >= 2
+                              "--overwrite"], "--target", unchanged=[tmp_path])  # fmt: skip
+    assert main(["render", str(model), "--out", out, "--overwrite", "--backend", "torch"]) == 0
+    assert tifffile.imread(existing).ndim == 2
 
 
 # -------------------------------------------------------------------------------------------------- fit --out

@@ -13,7 +13,7 @@ import torch
 from napari_neurogs_mip.cli import main
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
 from napari_neurogs_mip.io.checkpoint import load_checkpoint, save_checkpoint
-from napari_neurogs_mip.io.tiff import write_volume
+from napari_neurogs_mip.io.tiff import read_mips, write_volume
 from napari_neurogs_mip.losses import psnr
 from napari_neurogs_mip.model import GaussianModel
 from napari_neurogs_mip.render import render_mip
@@ -76,10 +76,10 @@ def test_fit_sample(tmp_path, capsys):
         assert psnr(image, target) == pytest.approx(float(value), abs=0.02), name
 
 
-def test_render_writes_one_page_per_view_with_resolution_tags(tmp_path, capsys):
+def test_render_writes_one_calibrated_imagej_tiff_per_view(tmp_path, capsys):
     geometry = VolumeGeometry((16, 24, 20), (2.0, 0.5, 0.25))
     path = save_checkpoint(tmp_path / "model.pt", _small_model(geometry))
-    out = tmp_path / "mips.tif"
+    out = tmp_path / "mips"
     status = main(["render", str(path), "--out", str(out), "--views", "xy,xz,yz,30:15", "--mode", "soft",
                    "--backend", "torch", "--device", "cpu", "--downsample", "2"])  # fmt: skip
     captured = capsys.readouterr()
@@ -87,33 +87,37 @@ def test_render_writes_one_page_per_view_with_resolution_tags(tmp_path, capsys):
     assert "renderer backend torch" in captured.out and "wrote 4 MIPs" in captured.out
     views = make_views(["xy", "xz", "yz", "30:15"], geometry, 2)
     expected = render_mip(_small_model(geometry).to_frame(Frame.PHYSICAL), views, mode="soft", backend="torch")
-    with tifffile.TiffFile(out) as tif:
-        assert len(tif.pages) == 4
-        for page, view, image in zip(tif.pages, views, expected):
-            assert json.loads(page.description)["view"] == view.name
-            assert page.shape == view.shape
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{v.name}.tif" for v in views)
+    for view, image in zip(views, expected):
+        file = out / f"{view.name}.tif"
+        # What Fiji reads: an ImageJ file in micrometres, with the pixel size in the resolution tags.
+        with tifffile.TiffFile(file) as tif:
+            assert tif.is_imagej and tif.imagej_metadata["unit"] == "um"
+            assert json.loads(tif.imagej_metadata["Info"])["view"] == view.name
+            page = tif.pages[0]
             x_num, x_den = page.tags["XResolution"].value
             y_num, y_den = page.tags["YResolution"].value
             assert x_num / x_den == pytest.approx(1 / view.du, rel=1e-6)
             assert y_num / y_den == pytest.approx(1 / view.dv, rel=1e-6)
-            np.testing.assert_allclose(page.asarray(), image.detach().numpy(), atol=1e-6)
+        # tifffile.imread reads the whole view.
+        np.testing.assert_allclose(tifffile.imread(file), image.detach().numpy(), atol=1e-6)
     assert views[0].du == pytest.approx(0.5) and views[1].dv == pytest.approx(4.0)  # 2x the voxel spacing
 
     # Default mode is the field; it renders axis views only and says so.
     field_out = tmp_path / "field.tif"
     assert main(["render", str(path), "--out", str(field_out), "--backend", "torch", "--device", "cpu"]) == 0
-    with tifffile.TiffFile(field_out) as tif:
-        assert [p.shape for p in tif.pages] == [(24, 20), (16, 20), (16, 24)]
-        field = field_mips(_small_model(geometry).to_frame(Frame.PHYSICAL), make_views(["xy", "xz", "yz"], geometry))
-        for page, image in zip(tif.pages, field):
-            np.testing.assert_allclose(page.asarray(), image.numpy(), atol=1e-6)
+    written = read_mips(field_out)  # field_xy.tif, field_xz.tif, field_yz.tif
+    assert [image.shape for image in written.values()] == [(24, 20), (16, 20), (16, 24)]
+    field = field_mips(_small_model(geometry).to_frame(Frame.PHYSICAL), make_views(["xy", "xz", "yz"], geometry))
+    for image, reference in zip(written.values(), field):
+        np.testing.assert_allclose(image, reference.numpy(), atol=1e-6)
     capsys.readouterr()
     assert (
         main(["render", str(path), "--out", str(tmp_path / "bad.tif"), "--views", "xy,30:15", "--backend", "torch"])
         == 2
     )
     assert "axis views only" in capsys.readouterr().err
-    assert not (tmp_path / "bad.tif").exists()
+    assert not list(tmp_path.glob("bad*.tif"))
 
 
 def test_info_on_checkpoint_and_tiff(tmp_path, capsys):
@@ -252,10 +256,11 @@ def test_info_and_render_take_a_channel_of_a_hyperstack(tmp_path, capsys):
     out = tmp_path / "mips.tif"
     argv = ["render", str(model), "--out", str(out), "--target", str(stack), "--backend", "torch", "--device", "cpu"]
     assert main([*argv, "--channel", "0", "--time", "0"]) == 0, capsys.readouterr().err
-    with tifffile.TiffFile(out) as tif:  # the model mapped onto the hyperstack's volume
-        assert [p.shape for p in tif.pages] == [(12, 14), (6, 14), (6, 12)]
-        x_num, x_den = tif.pages[1].tags["XResolution"].value
-        y_num, y_den = tif.pages[1].tags["YResolution"].value
+    # The model mapped onto the hyperstack's volume: mips_xy.tif, mips_xz.tif, mips_yz.tif.
+    assert [image.shape for image in read_mips(out).values()] == [(12, 14), (6, 14), (6, 12)]
+    with tifffile.TiffFile(tmp_path / "mips_xz.tif") as tif:
+        x_num, x_den = tif.pages[0].tags["XResolution"].value
+        y_num, y_den = tif.pages[0].tags["YResolution"].value
         assert (x_num / x_den, y_num / y_den) == (pytest.approx(4.0), pytest.approx(1 / 3.0))
 
 

@@ -141,25 +141,28 @@ def test_mips_round_trip_with_names_and_pixel_sizes(tmp_path, rng):
         "30:15": rng.random((10, 11)).astype(np.float32),
     }
     sizes = {"xy": (0.5, 0.25), "xz": (2.0, 0.25), "yz": (2.0, 0.5), "30:15": (0.25, 0.25)}
-    path = write_mips(tmp_path / "mips.tif", images, sizes)
-    back = read_mips(path)
+    written = write_mips(tmp_path / "mips.tif", images, sizes)
+    assert [p.name for p in written] == ["mips_xy.tif", "mips_xz.tif", "mips_yz.tif", "mips_30_15.tif"]
+    back = read_mips(tmp_path / "mips.tif")  # the path given to write_mips reads the set back
     assert list(back) == list(images)
     for name in images:
         np.testing.assert_array_equal(back[name], images[name])
-    with tifffile.TiffFile(path) as tif:
-        assert len(tif.pages) == 4
-        for page, name in zip(tif.pages, images):
-            info = json.loads(page.description)
+        np.testing.assert_array_equal(read_mips(tmp_path)[name], images[name])  # and so does their folder
+    for path, name in zip(written, images):
+        np.testing.assert_array_equal(tifffile.imread(path), images[name])  # the whole image, not a first series
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_imagej and tif.imagej_metadata["unit"] == "um"
+            info = json.loads(tif.imagej_metadata["Info"])
             assert info["view"] == name and info["pixel_size_rc"] == pytest.approx(list(sizes[name]))
             dv, du = sizes[name]
-            x_num, x_den = page.tags["XResolution"].value
-            y_num, y_den = page.tags["YResolution"].value
+            x_num, x_den = tif.pages[0].tags["XResolution"].value
+            y_num, y_den = tif.pages[0].tags["YResolution"].value
             assert x_num / x_den == pytest.approx(1 / du, rel=1e-6)
             assert y_num / y_den == pytest.approx(1 / dv, rel=1e-6)
     # Names given by the caller win.
-    assert list(read_mips(path, ["a", "b", "c", "d"])) == ["a", "b", "c", "d"]
-    with pytest.raises(ValueError, match="4 MIP images but 2 view names"):
-        read_mips(path, ["a", "b"])
+    assert list(read_mips(tmp_path / "mips.tif", ["a", "b", "c", "d"])) == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="4 MIP files but 2 view names"):
+        read_mips(tmp_path / "mips.tif", ["a", "b"])
 
 
 def test_read_mips_from_plain_files(tmp_path, rng):
@@ -180,7 +183,8 @@ def test_targets_from_named_axis_mips_match_targets_from_volume(tmp_path, rng):
     volume = rng.random((7, 12, 10)).astype(np.float32) ** 4
     spacing = (2.0, 0.5, 0.75)
     mips = {"xy": volume.max(axis=0), "xz": volume.max(axis=1), "yz": volume.max(axis=2)}
-    path = write_mips(tmp_path / "mips.tif", mips, {"xy": (0.5, 0.75), "xz": (2.0, 0.75), "yz": (2.0, 0.5)})
+    path = tmp_path / "mips"
+    write_mips(path, mips, {"xy": (0.5, 0.75), "xz": (2.0, 0.75), "yz": (2.0, 0.5)})
     from_file = targets_from_mips(read_mips(path), spacing, normalization=Normalization("minmax"))
     geometry = VolumeGeometry(volume.shape, spacing)
     from_volume = targets_from_volume(volume, geometry, ["xy", "xz", "yz"], normalization=Normalization("minmax"))

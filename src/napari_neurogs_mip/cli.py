@@ -242,10 +242,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="replace the model files of an earlier run in --out (otherwise refused)",
     )  # fmt: skip
 
-    render = commands.add_parser("render", help="render a checkpoint's MIPs to a TIFF", **kinds)
+    render = commands.add_parser("render", help="render a checkpoint's MIPs to TIFF (one per view)", **kinds)
     render.add_argument("checkpoint")
-    render.add_argument(*_spellings("--out"), required=True, help="output TIFF")
-    render.add_argument(*_spellings("--overwrite"), action="store_true", help="replace an existing --out file")
+    render.add_argument(
+        *_spellings("--out"), required=True,
+        help="folder for one ImageJ TIFF per view (<view>.tif), or a .tif path (files <stem>_<view>.tif)",
+    )  # fmt: skip
+    render.add_argument(*_spellings("--overwrite"), action="store_true", help="replace existing MIP files")
     render.add_argument(*_spellings("--target"), help="TIFF volume whose geometry to use")
     _add_selection_flags(render)
     render.add_argument(
@@ -566,7 +569,6 @@ def _render(args: argparse.Namespace) -> int:
         geometry = VolumeGeometry(volume.data.shape, volume.spacing_zyx)
     elif args.shape:
         geometry = VolumeGeometry(tuple(args.shape), tuple(args.voxel_size) if args.voxel_size else (1.0, 1.0, 1.0))
-    _check_output_file(Path(args.out), args.overwrite, {"checkpoint": args.checkpoint, "--target": args.target})
     checkpoint = load_checkpoint(args.checkpoint, geometry)
     model = checkpoint.model
     geometry = model.geometry
@@ -576,27 +578,36 @@ def _render(args: argparse.Namespace) -> int:
         geometry = VolumeGeometry(geometry.shape_zyx, tuple(args.voxel_size))
     print(f"volume {geometry.shape_zyx} spacing {geometry.spacing_zyx} ({checkpoint.geometry_source})")
     views = make_views(_view_specs(args) or list(AXIS_VIEWS), geometry, _resolution(args))
+    inputs = {"checkpoint": args.checkpoint, "--target": args.target}
+    _check_mip_outputs(Path(args.out), [v.name for v in views], args.overwrite, inputs)
     images = _render_views(args, checkpoint, geometry, views)
-    write_mips(
+    written = write_mips(
         args.out,
         {v.name: i.cpu().numpy() for v, i in zip(views, images)},
         {v.name: (v.dv, v.du) for v in views},
     )
-    print(f"wrote {len(views)} MIPs to {args.out}")
+    print(f"wrote {len(views)} MIPs (one ImageJ TIFF per view, in um): " + ", ".join(map(str, written)))
     return 0
 
 
-def _check_output_file(out: Path, overwrite: bool, inputs: dict[str, str | None]) -> None:
-    """Refuse to write ``out`` over one of the command's inputs (ever) or over an existing file (unless
-    ``--overwrite``)."""
-    for flag, given in inputs.items():
-        if given and out.exists() and Path(given).exists() and os.path.samefile(out, given):
-            raise ValueError(f"--out {out} is the {flag} input itself; write the MIPs to another file")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'mips.tif'}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
-    _check_writable_folder(out.parent if str(out.parent) else Path("."))
+def _check_mip_outputs(out: Path, names: list[str], overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """Refuse MIP files (:func:`.io.tiff.mip_paths`) that would replace one of the command's inputs (ever) or an
+    existing file (unless ``--overwrite``)."""
+    from .io.tiff import TIFF_SUFFIXES, mip_paths
+
+    given = [(flag, Path(path)) for flag, path in inputs.items() if path and Path(path).exists()]
+    targets = list(mip_paths(out, names).values())
+    for target in [out, *targets]:
+        for flag, path in given:
+            if target.exists() and os.path.samefile(target, path):
+                raise ValueError(f"--out {out} would replace the {flag} input {path}; write the MIPs elsewhere")
+    if out.exists() and not out.is_dir() and out.suffix.lower() not in TIFF_SUFFIXES:
+        raise ValueError(f"--out {out} is a file; give a folder (one TIFF per view) or a .tif path")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"--out: {', '.join(existing)} exist(s); pass --overwrite to replace, or choose another --out")
+    folder = targets[0].parent
+    _check_writable_folder(folder)
 
 
 def _render_views(

@@ -1406,7 +1406,8 @@ class FitWidget(QWidget):
             show_error(f"Fit MIP: could not save the checkpoint: {type(value).__name__}: {value}")
 
     def export_mips(self, path: str | Path | None = None) -> Path | None:
-        """Write the latest rendered MIPs (one page per view, with pixel sizes) as a TIFF."""
+        """Write the latest rendered MIPs as one calibrated ImageJ TIFF per view (``<stem>_<view>.tif``); returns
+        the first file."""
         from napari.utils.notifications import show_error, show_info
 
         if self._images is None:
@@ -1426,8 +1427,12 @@ class FitWidget(QWidget):
         except Exception as error:  # disk full, no permission, ...: tell the user
             show_error(f"Fit MIP: could not export the MIPs: {type(error).__name__}: {error}")
             return None
-        show_info(f"Fit MIP: exported {len(images)} MIPs (iteration {self._images_iteration}) to {written}")
-        return written
+        folder = written[0].parent
+        show_info(
+            f"Fit MIP: exported {len(images)} MIPs (iteration {self._images_iteration}) to {folder}: "
+            + ", ".join(p.name for p in written)
+        )
+        return written[0]
 
 
 # ====================================================================== helpers

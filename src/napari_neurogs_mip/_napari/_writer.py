@@ -46,8 +46,9 @@ def _sizes(size: Any) -> np.ndarray | float | None:
 def write_mip_layers(path: str | os.PathLike, layer_data: list[FullLayerData]) -> list[str]:
     """Write image layers as TIFF with their spacing.
 
-    2D layers are MIPs: one page per view, named by the layer's ``view`` metadata
-    or a view name ending the layer name (``rendered xy``), else the layer name,
+    2D layers are MIPs: one ImageJ TIFF per view (``<stem>_<view>.tif``, see
+    :func:`.io.tiff.write_mips`), named by the layer's ``view`` metadata or a view
+    name ending the layer name (``rendered xy``), else the layer name, calibrated
     with its pixel size (rows, columns) from the layer scale.  A single 3D layer
     is written as an ImageJ volume with its voxel spacing.
     """
@@ -71,4 +72,4 @@ def write_mip_layers(path: str | os.PathLike, layer_data: list[FullLayerData]) -
             raise ValueError(f"two layers show view {view!r}; write them to separate files")
         images[view] = np.asarray(data, dtype=np.float32)
         pixel_sizes[view] = mip_pixel_sizes(meta.get("scale"))
-    return [str(write_mips(Path(path), images, pixel_sizes))]
+    return [str(written) for written in write_mips(Path(path), images, pixel_sizes)]

@@ -8,9 +8,11 @@ tags; whatever is missing is 1.0.  The caller may override it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -327,36 +329,82 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, spacing_zyx: tuple
     return Path(path)
 
 
+TIFF_SUFFIXES = (".tif", ".tiff")
+AXIS_ORDER = {"xy": 0, "xz": 1, "yz": 2}
+
+
+def mip_paths(path: str | os.PathLike, names: list[str]) -> dict[str, Path]:
+    """Where :func:`write_mips` puts each view: ``<stem>_<view>.tif`` beside a ``.tif`` path, else
+    ``<folder>/<view>.tif``."""
+    path = Path(path)
+    # View names such as 30:15 hold characters some file systems refuse; the label inside keeps the name.
+    safe = {name: re.sub(r"[^A-Za-z0-9_.-]", "_", name) for name in names}
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return {name: path.with_name(f"{path.stem}_{safe[name]}{path.suffix}") for name in names}
+    return {name: path / f"{safe[name]}.tif" for name in names}
+
+
 def write_mips(
     path: str | os.PathLike,
     images: dict[str, np.ndarray],
     pixel_sizes: dict[str, tuple[float, float]],
-) -> Path:
-    """Write MIP images as one TIFF (atomic): a page per view with its name and pixel size.
+) -> list[Path]:
+    """Write MIP images, one ImageJ TIFF per view (each atomic), calibrated in micrometres.
 
-    Views of different shapes are stored as separate series; each page carries
-    ``{"view": name, "pixel_size_rc": [dv, du]}`` in its description and the
-    resolution tags hold the pixel size.
+    Views differ in shape, and ImageJ files hold one shape, so each view gets its
+    own file (see :func:`mip_paths`; a folder is created).  Fiji reads the pixel
+    size (``unit=um`` and the resolution tags), ``tifffile.imread`` the whole
+    image, and the slice label and ``Info`` name the view
+    (``{"view": name, "pixel_size_rc": [dv, du]}``).
+
+    Parameters
+    ----------
+    path
+        A folder, or a ``.tif`` path whose stem prefixes the files.
+    images
+        View name -> 2D image.
+    pixel_sizes
+        View name -> (row, column) pixel size in micrometres.
+
+    Returns
+    -------
+    The files written, in the order of ``images``.
     """
     import tifffile
 
     if not images:
         raise ValueError("no MIP images to write")
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as writer:
-        for name, image in images.items():
-            dv, du = pixel_sizes[name]
-            description = json.dumps({"view": name, "pixel_size_rc": [dv, du]})
-            writer.write(
-                np.asarray(image, dtype=np.float32),
-                resolution=(1.0 / du, 1.0 / dv),
-                description=description,
-                metadata=None,
-            )
-    return Path(path)
+    targets = mip_paths(path, list(images))
+    next(iter(targets.values())).parent.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        dv, du = pixel_sizes[name]
+        info = json.dumps({"view": name, "pixel_size_rc": [dv, du]})
+        with atomic_path(targets[name]) as tmp:
+            tifffile.imwrite(
+                tmp, np.asarray(image, dtype=np.float32), imagej=True, resolution=(1.0 / du, 1.0 / dv),
+                metadata={"unit": "um", "axes": "YX", "Labels": [name], "Info": info},
+            )  # fmt: skip
+    return list(targets.values())
+
+
+def _mip_files(path: Path) -> list[Path]:
+    """The files of a MIP set: ``path`` itself, the TIFFs of a folder, or the ``<stem>_<view>.tif`` files that
+    :func:`write_mips` wrote for ``path``."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"{path} is a folder without TIFF files; expected one MIP TIFF per view")
+        return files
+    if not path.exists() and path.suffix.lower() in TIFF_SUFFIXES:
+        files = sorted(path.parent.glob(f"{glob.escape(path.stem)}_*{path.suffix}"))
+        if files:
+            return files
+    return [path]
 
 
 def read_mips(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Read MIP images: one 2D TIFF, a stack of equal-sized views, or a file from :func:`write_mips`.
+    """Read MIP images: the files :func:`write_mips` wrote (a folder, or the ``.tif`` path given to it), one 2D
+    TIFF, a stack of equal-sized views, or a multi-page file with a view per page.
 
     View names come from the page descriptions written by :func:`write_mips`
     (``{"view": name, ...}``), ImageJ slice labels, or ``names`` (which
@@ -371,7 +419,25 @@ def read_mips(path: str | os.PathLike, names: list[str] | None = None) -> dict[s
         Not a TIFF, truncated or damaged, not 2D images, unnamed views, a name that is no view name (e.g. ``42``), a
         view twice, or NaN/Inf pixels (the message names the file and the page).
     """
-    path = Path(path)
+    files = _mip_files(Path(path))
+    if len(files) == 1:
+        return _read_mip_file(files[0], names)
+    if names is not None and len(names) != len(files):
+        raise ValueError(f"{path} holds {len(files)} MIP files but {len(names)} view names were given: {names}")
+    mips: dict[str, np.ndarray] = {}
+    for index, file in enumerate(files):
+        one = _read_mip_file(file, [names[index]] if names is not None else None)
+        if len(one) != 1:
+            raise ValueError(f"{file} holds {len(one)} views; a MIP folder holds one view per file")
+        mips.update(one)
+    _check_view_names(Path(path), list(mips) if names is None else names, from_file=names is None)
+    if len(mips) != len(files):
+        raise ValueError(f"{path}: two files hold the same view; expected each view once")
+    # Files come sorted by name; the axis views go first, as everywhere else.
+    return dict(sorted(mips.items(), key=lambda item: (AXIS_ORDER.get(item[0], len(AXIS_ORDER)), item[0])))
+
+
+def _read_mip_file(path: Path, names: list[str] | None) -> dict[str, np.ndarray]:
     with _open(path) as tif:
         found = [_page_view(page.description) for page in tif.pages]
         labelled = bool(found) and all(name is not None for name in found)
@@ -379,7 +445,7 @@ def read_mips(path: str | os.PathLike, names: list[str] | None = None) -> dict[s
             images = [np.asarray(page.asarray()) for page in tif.pages]
         else:
             data = np.asarray(tif.series[0].asarray())
-            labels = (tif.imagej_metadata or {}).get("Labels")
+            labels = _imagej_labels(tif.imagej_metadata or {})
     if not labelled:
         if data.ndim not in (2, 3):
             raise ValueError(f"{path} holds a {data.ndim}D array; MIPs must be one 2D image or a stack of 2D views")
@@ -399,6 +465,17 @@ def read_mips(path: str | os.PathLike, names: list[str] | None = None) -> dict[s
             mips[name] = image.astype(np.float32, copy=False)
         _check_finite(path, mips[name], f"page {page} (view {name!r})", "pixels")
     return mips
+
+
+def _imagej_labels(metadata: dict[str, Any]) -> list[Any] | None:
+    """ImageJ slice labels (a single label comes back as a string), else the view in ``Info``."""
+    labels = metadata.get("Labels")
+    if isinstance(labels, str):
+        return [labels]
+    if labels:
+        return list(labels)
+    view = _page_view(metadata.get("Info"))
+    return [view] if view is not None else None
 
 
 def _page_view(description: str | None) -> Any:
