@@ -245,8 +245,15 @@ def test_info_and_render_take_a_channel_of_a_hyperstack(tmp_path, capsys):
     data = np.random.default_rng(0).random((2, 6, 3, 12, 14)).astype(np.float32)  # T, Z, C, Y, X
     stack = tmp_path / "hyper.tif"
     tifffile.imwrite(stack, data, imagej=True, resolution=(4.0, 2.0), metadata={"axes": "TZCYX", "spacing": 3.0})
-    assert main(["info", str(stack)]) == 2
-    assert "choose a time point (e.g. --channel / --time)" in capsys.readouterr().err
+    # Without --channel, info describes every channel (at the first time point, and says so).
+    assert main(["info", str(stack)]) == 0
+    text = capsys.readouterr().out
+    assert "3 channels (0-based" in text and "time point 0 of 2" in text
+    for channel in range(3):
+        values = data[0, :, channel]
+        assert (
+            f"channel {channel}: volume (Z, Y, X) (6, 12, 14), range [{values.min():.4g}, {values.max():.4g}]" in text
+        )
     assert main(["info", str(stack), "--channel", "2", "--time", "1"]) == 0
     text = capsys.readouterr().out
     assert "axes TZCYX, volume (Z, Y, X) (6, 12, 14)" in text and "(3.0, 0.5, 0.25) (ImageJ)" in text

@@ -708,6 +708,8 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     from .io.tiff import read_mips, read_volume
 
+    if path.is_file() and args.channel is None and _describe_channels(path, args.time):
+        return 0
     try:
         volume = read_volume(path, args.channel, args.time)
     except ValueError as error:
@@ -721,6 +723,32 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{path}: axes {volume.axes}, volume (Z, Y, X) {data.shape}, range [{data.min():.4g}, {data.max():.4g}]")
     print(f"spacing (z, y, x): {volume.spacing_zyx} ({volume.spacing_source})")
     return 0
+
+
+def _describe_channels(path: Path, time: int | None) -> bool:
+    """Print every channel of a multi-channel TIFF (at ``time``, default the first); ``False`` when the file has
+    at most one channel or is not a TIFF volume."""
+    from .io.tiff import read_metadata, read_volume
+
+    try:
+        meta = read_metadata(path)
+    except ValueError:
+        return False
+    sizes = dict(zip(meta.axes, meta.shape))
+    channels = sizes.get("C", sizes.get("S", 1))
+    if channels <= 1:
+        return False
+    times = sizes.get("T", 1)
+    shown = time if time is not None else (0 if times > 1 else None)
+    print(f"{path}: axes {meta.axes}, shape {meta.shape}: {channels} channels (0-based; fit one with --channel N)")
+    if times > 1:
+        print(f"time point {shown} of {times} (0-based; choose another with --time)")
+    print(f"spacing (z, y, x): {meta.spacing_zyx} ({meta.spacing_source})")
+    for channel in range(channels):
+        data = read_volume(path, channel, shown).data
+        print(f"  channel {channel}: volume (Z, Y, X) {data.shape}, range [{data.min():.4g}, {data.max():.4g}], "
+              f"mean {data.mean():.4g}")  # fmt: skip
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
