@@ -279,7 +279,7 @@ def test_fit_a_single_xy_mip_with_the_volume_shape(tmp_path, capsys):
     model = _small_model(geometry)
     start = save_checkpoint(tmp_path / "start.pt", model)
     (xy,) = field_mips(model.to_frame(Frame.PHYSICAL), make_views(["xy"], geometry))
-    mips = write_mips(tmp_path / "xy.tif", {"xy": xy.numpy()}, {"xy": (0.5, 0.25)})
+    (mips,) = write_mips(tmp_path / "xy.tif", {"xy": xy.numpy()}, {"xy": (0.5, 0.25)})
     common = ["fit", "--target-mips", str(mips), "--views", "xy", "--iterations", "3", "--backend", "torch"]
 
     assert main([*common, "--out", str(tmp_path / "none"), "--swc", str(tmp_path / "absent.swc")]) == 2

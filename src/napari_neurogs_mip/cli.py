@@ -459,7 +459,7 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
         normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
-        max_gaussians=config.max_gaussians, init=args.init, seed=config.seed,
+        max_gaussians=config.max_gaussians, init=args.init, seed=config.seed, device=config.device,
         eval_specs=parse_view_specs(args.eval_views) if args.eval_views else [],
     )  # fmt: skip
     prepared = prepare_fit(inputs)
@@ -619,10 +619,13 @@ def _render_views(
 
     from .device import resolve_device
     from .frames import Frame
+    from .preflight import check_render_resources
     from .render import Renderer
 
     device, note = resolve_device(args.device)
     mode, beta = _render_settings(args, checkpoint.metadata)
+    check_render_resources(checkpoint.model.num_gaussians, views, device, geometry=geometry, mode=mode,
+                           resolution=_resolution(args))  # fmt: skip
     renderer = Renderer.create(device, args.backend, mode, beta)
     print(f"{note}; {renderer.describe()}")
     physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL).to(device)
@@ -647,6 +650,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .io.checkpoint import load_checkpoint
     from .io.tiff import read_volume
     from .metrics import format_table, score
+    from .preflight import check_render_resources
     from .targets import Normalization, targets_for_views
     from .views import AXIS_VIEWS, View, make_views, parse_view_specs
 
@@ -680,6 +684,8 @@ def _eval(args: argparse.Namespace) -> int:
     # The fit's own per-view background levels where it recorded them (same views, same volume).
     known = stored.get("view_lows") if isinstance(stored.get("view_lows"), dict) else {}
     lows = [float(known[v.name]) for v in views] if same_volume and all(v.name in known for v in views) else None
+    check_render_resources(checkpoint.model.num_gaussians, views, args.device, geometry=geometry,
+                           volume_dtype=read.data.dtype, resolution=_resolution(args))  # fmt: skip
     targets = targets_for_views(read.data, geometry, views, normalization, lows)
     images = _render_views(args, checkpoint, geometry, targets.views)
     scores = {v.name: score(i, t) for v, i, t in zip(targets.views, images, targets.tensors("cpu"))}

@@ -13,9 +13,10 @@ import numpy as np
 
 from .frames import Frame, VolumeGeometry
 from .io.checkpoint import Checkpoint, load_checkpoint
+from .io.swc import Skeleton
 from .model import GaussianModel
-from .targets import Normalization, Targets, shown_axes, targets_from_mips, targets_from_volume
-from .views import AXIS_VIEWS
+from .targets import Normalization, Targets, shown_axes, targets_for_views, targets_from_mips
+from .views import AXIS_VIEWS, View, make_views
 
 Resolution = None | float | tuple[int, int]
 INITS = ("foreground", "intensity")
@@ -50,6 +51,10 @@ class FitInputs:
     within half of ``max_gaussians`` (default: the CPU budget of
     :data:`.train.DEFAULT_BUDGET`).  ``eval_specs`` are held-out views: built
     from the same volume with the same normalisation, scored and never trained.
+
+    ``device`` is where the fit will train (``auto``: as the trainer resolves
+    it): :func:`prepare_fit` checks the fit's memory against it (see
+    :mod:`.preflight`) before it builds targets or a model.
     """
 
     view_specs: list[str] | None = None
@@ -71,6 +76,7 @@ class FitInputs:
     init: str = "foreground"
     eval_specs: list[str] = field(default_factory=list)
     seed: int = 0
+    device: str = "auto"
 
 
 @dataclass
@@ -111,13 +117,19 @@ def _load_volume(inputs: FitInputs, notes: list[str]) -> tuple[np.ndarray, Volum
 def prepare_fit(inputs: FitInputs) -> PreparedFit:
     """Build targets and the initial model.
 
+    The fit's memory is estimated before the large allocations (targets, a
+    reconstructed field, the initial model) and refused when it cannot fit on
+    ``inputs.device`` (:func:`.preflight.check_fit_resources`).
+
     Raises
     ------
     ValueError, FileNotFoundError
         Unreadable or inconsistent inputs (the message names the file or value).
+    .preflight.ResourceError
+        A ``ValueError``: the fit would need more memory than is available (the message names the option
+        to change).
     """
     from .init import init_from_bright_voxels, init_from_mips, init_from_swc, init_from_volume
-    from .io.swc import read_swc
     from .io.tiff import read_mips
     from .render.field import voxelize
     from .train import DEFAULT_BUDGET
@@ -125,15 +137,20 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     notes: list[str] = []
     field_peak = 1.0
     normalization = Normalization(inputs.normalize)
-    loaded = _load_volume(inputs, notes)
-    checkpoint = None
-    volume = None
     if inputs.init not in INITS:
         raise ValueError(f"unknown init {inputs.init!r}; expected one of {INITS}")
+    budget = inputs.max_gaussians or DEFAULT_BUDGET["cpu"]
+    loaded = _load_volume(inputs, notes)
+    skeleton = None
+    checkpoint = None
+    volume = None
     if loaded is not None:
         volume, geometry = loaded
-        specs = inputs.view_specs or list(VOLUME_VIEWS)
-        targets = targets_from_volume(volume, geometry, specs, inputs.resolution, normalization)
+        views = make_views(inputs.view_specs or list(VOLUME_VIEWS), geometry, inputs.resolution)
+        checkpoint = _checkpoint_on(inputs, checkpoint, geometry)
+        skeleton = _skeleton(inputs)
+        _check_memory(inputs, views, geometry, _start(inputs, True, checkpoint, skeleton, geometry, budget), volume)
+        targets = targets_for_views(volume, geometry, views, normalization)
     elif inputs.target_mips or inputs.mips is not None:
         images = inputs.mips if inputs.mips is not None else read_mips(inputs.target_mips, None)
         spacing = inputs.voxel_size or (1.0, 1.0, 1.0)
@@ -148,8 +165,13 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
                 known = checkpoint.model.geometry
                 geometry = VolumeGeometry(known.shape_zyx, inputs.voxel_size or known.spacing_zyx)
                 where = f"; volume shape {geometry.shape_zyx} from {inputs.checkpoint}"
+        # The images are in memory already and the targets are their size; the model is what can explode.
         targets = targets_from_mips(images, spacing, geometry, normalization)
         notes.append(f"target: precomputed MIPs {list(images)}{where}")
+        checkpoint = _checkpoint_on(inputs, checkpoint, targets.geometry)
+        skeleton = _skeleton(inputs)
+        start = _start(inputs, False, checkpoint, skeleton, targets.geometry, budget)
+        _check_memory(inputs, targets.views, targets.geometry, start, None)
     elif inputs.checkpoint:
         checkpoint = load_checkpoint(inputs.checkpoint)
         if checkpoint.model.geometry is None:
@@ -157,16 +179,13 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         geometry = checkpoint.model.geometry
         if inputs.voxel_size:
             geometry = VolumeGeometry(geometry.shape_zyx, inputs.voxel_size)
+        views = make_views(inputs.view_specs or list(AXIS_VIEWS), geometry, inputs.resolution)
+        start = _start(inputs, False, checkpoint, None, geometry, budget)
+        _check_memory(inputs, views, geometry, start, None, self_reconstruction=True)
         physical = checkpoint.model.with_geometry(geometry).to_frame(Frame.PHYSICAL)
         volume = voxelize(physical).detach().numpy()
         field_peak = max(1.0, float(volume.max()))
-        targets = targets_from_volume(
-            volume,
-            geometry,
-            inputs.view_specs or list(AXIS_VIEWS),
-            inputs.resolution,
-            Normalization("fixed", low=0.0, high=field_peak),
-        )
+        targets = targets_for_views(volume, geometry, views, Normalization("fixed", low=0.0, high=field_peak))
         notes.append(
             f"target: exact field MIPs of {inputs.checkpoint} itself (self-reconstruction) on {geometry.shape_zyx} "
             f"({checkpoint.geometry_source}), divided by the field's peak {field_peak:.4g}"
@@ -175,18 +194,17 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         raise ValueError("no target: give --sample, --target, --target-mips, or a --checkpoint to reconstruct")
 
     geometry = targets.geometry
-    budget = inputs.max_gaussians or DEFAULT_BUDGET["cpu"]
     eval_targets = None
     if inputs.eval_specs:
         if volume is None:
             raise ValueError("held-out views (--eval-views) need a volume target to render them from")
         per_view = targets.normalization.per_view
         fixed = Normalization("fixed", low=targets.low, high=targets.high, view_background=per_view)
-        eval_targets = targets_from_volume(volume, geometry, inputs.eval_specs, inputs.resolution, fixed)
+        eval_views = make_views(inputs.eval_specs, geometry, inputs.resolution)
+        eval_targets = targets_for_views(volume, geometry, eval_views, fixed)
         notes.append(f"held-out views: {', '.join(v.name for v in eval_targets.views)} (scored, never trained)")
     if inputs.checkpoint:
-        if checkpoint is None or checkpoint.model.geometry != geometry:
-            checkpoint = load_checkpoint(inputs.checkpoint, geometry)
+        checkpoint = _checkpoint_on(inputs, checkpoint, geometry)
         model = checkpoint.model
         if field_peak != 1.0:
             # Self-reconstruction: the targets were divided by the field's peak; so are the amplitudes.
@@ -197,8 +215,8 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         )
         if checkpoint.fit_model is not None and checkpoint.optimizer_state is not None:
             notes.append(f"resuming at iteration {checkpoint.iteration} with the saved optimiser state")
-    elif inputs.swc:
-        model = init_from_swc(read_swc(inputs.swc), geometry)
+    elif skeleton is not None:
+        model = init_from_swc(skeleton, geometry)
         notes.append(f"model: {model.num_gaussians} Gaussians along the edges of {inputs.swc}")
     elif volume is not None and inputs.init == "intensity":
         count = inputs.num_gaussians or LEGACY_COUNT
@@ -221,3 +239,67 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         # Models made here are stored in the NeuRoGS frame, which the NeuRoGS tools read.
         model = model.to_frame(Frame.NEUROGS, geometry)
     return PreparedFit(targets, model, resume, notes, volume, eval_targets)
+
+
+def _skeleton(inputs: FitInputs) -> Skeleton | None:
+    """The SWC skeleton the model starts from, or ``None`` (none given, or a checkpoint is the start).
+
+    Read before the memory check, which counts the Gaussians it places before any is placed.
+    """
+    from .io.swc import read_swc
+
+    return read_swc(inputs.swc) if inputs.swc and not inputs.checkpoint else None
+
+
+def _checkpoint_on(inputs: FitInputs, checkpoint: Checkpoint | None, geometry: VolumeGeometry) -> Checkpoint | None:
+    """``inputs.checkpoint`` mapped onto ``geometry`` (``checkpoint`` itself when it already is); ``None``
+    without a checkpoint."""
+    if not inputs.checkpoint:
+        return None
+    if checkpoint is None or checkpoint.model.geometry != geometry:
+        checkpoint = load_checkpoint(inputs.checkpoint, geometry)
+    return checkpoint
+
+
+def _start(
+    inputs: FitInputs,
+    from_volume: bool,
+    checkpoint: Checkpoint | None,
+    skeleton: Skeleton | None,
+    geometry: VolumeGeometry,
+    budget: int,
+) -> tuple[int, str, str]:
+    """The initial Gaussian count (an upper bound when the foreground sets it), the kind of start as
+    :class:`.preflight.FitPlan` names it, and the option that sets the count; as the branches of
+    :func:`prepare_fit` will start."""
+    from .preflight import swc_gaussian_count
+
+    if checkpoint is not None:
+        return checkpoint.model.num_gaussians, "checkpoint", "--checkpoint"
+    if skeleton is not None:
+        return swc_gaussian_count(skeleton, geometry), "swc", "--swc"
+    if from_volume and inputs.init == "intensity":
+        return inputs.num_gaussians or LEGACY_COUNT, "intensity", "--num_gaussians"
+    # Without a count the foreground (or the MIPs' bright points) sets it, within half the budget.
+    return inputs.num_gaussians or max(1, budget // 2), "foreground" if from_volume else "mips", "--num_gaussians"
+
+
+def _check_memory(
+    inputs: FitInputs,
+    views: list[View],
+    geometry: VolumeGeometry,
+    start: tuple[int, str, str],
+    volume: np.ndarray | None,
+    self_reconstruction: bool = False,
+) -> None:
+    """Refuse a fit that cannot fit in memory on ``inputs.device``, before its large allocations."""
+    from .preflight import FitPlan, check_fit_resources
+
+    count, init, count_flag = start
+    eval_views = make_views(inputs.eval_specs, geometry, inputs.resolution) if inputs.eval_specs else []
+    plan = FitPlan(
+        views, geometry, count, max_gaussians=inputs.max_gaussians, eval_views=eval_views,
+        volume_dtype=volume.dtype if volume is not None else None, init=init,
+        self_reconstruction=self_reconstruction, resolution=inputs.resolution, count_flag=count_flag,
+    )  # fmt: skip
+    check_fit_resources(plan, inputs.device)

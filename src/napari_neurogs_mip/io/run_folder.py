@@ -141,8 +141,10 @@ def _lock(folder: Path) -> int:
             if not path.exists() or os.stat(path).st_ino != os.fstat(handle).st_ino:
                 os.close(handle)
                 continue
-        os.ftruncate(handle, 0)
-        os.write(handle, f"{os.getpid()}\n".encode())
+        # The pid only names the owner in messages (the flock is the lock): a full disk must not stop the fit here.
+        with contextlib.suppress(OSError):
+            os.ftruncate(handle, 0)
+            os.write(handle, f"{os.getpid()}\n".encode())
         return handle
 
 
