@@ -277,3 +277,13 @@ def test_save_error_without_an_earlier_checkpoint(tmp_path, volume_tif, monkeypa
     monkeypatch.setattr(train_module, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(SaveError, match=r"RuntimeError: boom writing .*x\.pt; no checkpoint was kept"):
         trainer.save(tmp_path / "x.pt")
+
+
+def test_a_checkpoint_alone_is_not_a_target_unless_self_reconstruction_is_asked(finished_run, volume_tif, capsys):
+    model, out = finished_run / FINAL_NAME, finished_run.parent / "again"
+    assert_bad_input(capsys, ["fit", "--checkpoint", str(model), "--out", str(out)], "--self-reconstruct",
+                     "a start, not a target", unchanged=[out, model])  # fmt: skip
+    assert_bad_input(capsys, ["fit", "--target", str(volume_tif), "--checkpoint", str(model), "--self-reconstruct",
+                              "--out", str(out)], "--self-reconstruct", "no target", unchanged=[out])  # fmt: skip
+    assert_bad_input(capsys, ["fit", "--target", str(volume_tif), "--checkpoint", str(model), "--swc",
+                              str(volume_tif), "--out", str(out)], "--checkpoint and --swc", unchanged=[out])  # fmt: skip

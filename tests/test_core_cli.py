@@ -178,7 +178,7 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path, capsys):
 
 def test_self_reconstruction_targets_are_exact_field_mips(shared_dir):
     path = shared_dir / "data" / "checkpoints" / "splat_wmse_v2_ep100.pt"
-    prepared = prepare_fit(FitInputs(checkpoint=str(path), resolution=8))
+    prepared = prepare_fit(FitInputs(checkpoint=str(path), resolution=8, self_reconstruct=True))
     checkpoint = load_checkpoint(path)
     assert prepared.targets.geometry == checkpoint.model.geometry
     volume = voxelize(checkpoint.model.to_frame(Frame.PHYSICAL)).numpy()  # 128^3: the grid the file is assumed on
@@ -194,8 +194,12 @@ def test_self_reconstruction_targets_are_exact_field_mips(shared_dir):
 def test_fit_self_reconstruction_of_real_checkpoint(shared_dir, tmp_path, capsys):
     path = shared_dir / "data" / "checkpoints" / "pipeline_final_model.pt"
     out = tmp_path / "run"
-    status = main(["fit", "--checkpoint", str(path), "--iterations", "3", "--downsample", "8", "--backend", "torch",
-                   "--device", "cpu", "--out", str(out)])  # fmt: skip
+    argv = ["fit", "--checkpoint", str(path), "--iterations", "3", "--downsample", "8", "--backend", "torch",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    # A checkpoint alone is a start, not a target: self-reconstruction only when asked for.
+    assert main(argv) == 2
+    assert "--self-reconstruct" in capsys.readouterr().err and not out.exists()
+    status = main([*argv, "--self-reconstruct"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "self-reconstruction" in captured.out and "(100, 647, 813)" in captured.out

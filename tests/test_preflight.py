@@ -121,7 +121,8 @@ def test_self_reconstruction_of_a_huge_v7_grid_is_refused_before_voxelising(monk
     _with_memory(monkeypatch, WORKSTATION)
     _forbid_allocations(monkeypatch)
     out = tmp_path / "run"
-    err = assert_bad_input(capsys, ["fit", "--checkpoint", str(path), "--out", str(out)], "--target", "GiB",
+    err = assert_bad_input(capsys, ["fit", "--checkpoint", str(path), "--self-reconstruct", "--out", str(out)],
+                           "--target", "GiB",
                            "4000 x 4000 x 4000", unchanged=[out, path])  # fmt: skip
     assert not out.exists() and err.count("\n") == 1
 

@@ -219,6 +219,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     model = fit.add_argument_group("initial model")
     model.add_argument(*_spellings("--checkpoint"), help="NeuRoGS-family .pt file to start from (or resume, if ours)")
     model.add_argument(*_spellings("--swc"), help="SWC skeleton to place Gaussians along")
+    source.add_argument(
+        *_spellings("--self-reconstruct"), action="store_true",
+        help="fit --checkpoint to its own field MIPs (a check of the renderer and trainer)",
+    )  # fmt: skip
     model.add_argument(
         *_spellings("--num_gaussians"), type=_positive_int,
         help="initial Gaussians from scratch (default: one per foreground cell, see docs/quality.md)",
@@ -460,6 +464,7 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
         normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
         max_gaussians=config.max_gaussians, init=args.init, seed=config.seed, device=config.device,
+        self_reconstruct=args.self_reconstruct,
         eval_specs=parse_view_specs(args.eval_views) if args.eval_views else [],
     )  # fmt: skip
     prepared = prepare_fit(inputs)

@@ -52,6 +52,12 @@ class FitInputs:
     :data:`.train.DEFAULT_BUDGET`).  ``eval_specs`` are held-out views: built
     from the same volume with the same normalisation, scored and never trained.
 
+    ``model`` is an initial model already in memory (e.g. a napari Points
+    layer of Gaussians): used as a checkpoint's model would be, without resume
+    state.  ``self_reconstruct`` asks for the checkpoint's own field MIPs as the
+    targets (a check of the renderer and trainer); without a target and without
+    it, a checkpoint alone is an error rather than a silent change of task.
+
     ``device`` is where the fit will train (``auto``: as the trainer resolves
     it): :func:`prepare_fit` checks the fit's memory against it (see
     :mod:`.preflight`) before it builds targets or a model.
@@ -77,6 +83,8 @@ class FitInputs:
     eval_specs: list[str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
+    model: GaussianModel | None = None
+    self_reconstruct: bool = False
 
 
 @dataclass
@@ -140,6 +148,7 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     if inputs.init not in INITS:
         raise ValueError(f"unknown init {inputs.init!r}; expected one of {INITS}")
     budget = inputs.max_gaussians or DEFAULT_BUDGET["cpu"]
+    _check_start(inputs)
     loaded = _load_volume(inputs, notes)
     skeleton = None
     checkpoint = None
@@ -172,7 +181,7 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         skeleton = _skeleton(inputs)
         start = _start(inputs, False, checkpoint, skeleton, targets.geometry, budget)
         _check_memory(inputs, targets.views, targets.geometry, start, None)
-    elif inputs.checkpoint:
+    elif inputs.checkpoint and inputs.self_reconstruct:
         checkpoint = load_checkpoint(inputs.checkpoint)
         if checkpoint.model.geometry is None:
             raise ValueError(f"{inputs.checkpoint}: the volume is unknown; give a target")
@@ -190,8 +199,15 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
             f"target: exact field MIPs of {inputs.checkpoint} itself (self-reconstruction) on {geometry.shape_zyx} "
             f"({checkpoint.geometry_source}), divided by the field's peak {field_peak:.4g}"
         )
+    elif inputs.checkpoint:
+        raise ValueError(
+            f"--checkpoint {inputs.checkpoint} is a start, not a target: give --target, --sample or --target-mips "
+            "to fit, or --self-reconstruct to fit the checkpoint's own field MIPs"
+        )
     else:
-        raise ValueError("no target: give --sample, --target, --target-mips, or a --checkpoint to reconstruct")
+        raise ValueError(
+            "no target: give --sample, --target or --target-mips (or --checkpoint with --self-reconstruct)"
+        )
 
     geometry = targets.geometry
     eval_targets = None
@@ -215,6 +231,9 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         )
         if checkpoint.fit_model is not None and checkpoint.optimizer_state is not None:
             notes.append(f"resuming at iteration {checkpoint.iteration} with the saved optimiser state")
+    elif inputs.model is not None:
+        model = inputs.model
+        notes.append(f"model: {model.num_gaussians} Gaussians given ({model.frame.value} frame)")
     elif skeleton is not None:
         model = init_from_swc(skeleton, geometry)
         notes.append(f"model: {model.num_gaussians} Gaussians along the edges of {inputs.swc}")
@@ -239,6 +258,19 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         # Models made here are stored in the NeuRoGS frame, which the NeuRoGS tools read.
         model = model.to_frame(Frame.NEUROGS, geometry)
     return PreparedFit(targets, model, resume, notes, volume, eval_targets)
+
+
+def _check_start(inputs: FitInputs) -> None:
+    """Refuse choices that exclude each other, naming them, instead of silently using one."""
+    starts = [name for name, given in (("--checkpoint", inputs.checkpoint), ("--swc", inputs.swc),
+                                       ("an initial model", inputs.model is not None)) if given]  # fmt: skip
+    if len(starts) > 1:
+        raise ValueError(f"{' and '.join(starts)} both give the initial model; use one of them")
+    targets = inputs.sample or inputs.target or inputs.target_mips or inputs.volume is not None or inputs.mips
+    if inputs.self_reconstruct and (targets or not inputs.checkpoint):
+        raise ValueError(
+            "--self-reconstruct fits a --checkpoint to its own field MIPs: give a --checkpoint and no target"
+        )
 
 
 def _skeleton(inputs: FitInputs) -> Skeleton | None:
@@ -276,6 +308,8 @@ def _start(
 
     if checkpoint is not None:
         return checkpoint.model.num_gaussians, "checkpoint", "--checkpoint"
+    if inputs.model is not None:
+        return inputs.model.num_gaussians, "checkpoint", "the initial model"
     if skeleton is not None:
         return swc_gaussian_count(skeleton, geometry), "swc", "--swc"
     if from_volume and inputs.init == "intensity":
