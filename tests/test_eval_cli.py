@@ -10,6 +10,7 @@ import tifffile
 
 from napari_neurogs_mip.cli import main
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
+from napari_neurogs_mip.render import DEFAULT_BETA
 from napari_neurogs_mip.sample import SAMPLE_SPACING, sample_volume
 from napari_neurogs_mip.train import FINAL_NAME
 
@@ -62,7 +63,7 @@ def test_eval_takes_other_views_and_rejects_a_missing_target(tmp_path, capsys, s
     capsys.readouterr()
     # render defaults to what the fit optimised (soft at its beta), not the field MIP.
     assert main(["render", str(out / FINAL_NAME), "--out", str(tmp_path / "mips.tif"), "--backend", "torch"]) == 0
-    assert "render mode soft, beta 200 (the checkpoint)" in capsys.readouterr().out
+    assert f"render mode soft, beta {DEFAULT_BETA:g} (the checkpoint)" in capsys.readouterr().out
     argv = ["eval", str(out / FINAL_NAME), "--target", str(sample_tif), "--downsample", "3", "--eval-views", "45:10"]
     assert main([*argv, "--backend", "torch"]) == 0
     rows = _rows(capsys.readouterr().out)

@@ -28,11 +28,12 @@ CUTOFF_SIGMA = 3.0
 DEFAULT_EPS = 0.3
 """Default pixel filter, px^2 added to the projected covariance (as the research code)."""
 
-DEFAULT_BETA = 200.0
+DEFAULT_BETA = 300.0
 """Default soft-MIP sharpness, 1/intensity (targets are in [0, 1]).  The seed's 50 let a fit lean on the
 blend: many overlapping Gaussians averaged below their maximum, so the same model rendered with the hard MIP
-scored 3-7 dB worse (rasterised neuron); at 200 the two stay within 0.5 dB on the sample and held-out views
-gain 0.5 dB (docs/quality.md)."""
+scored 3-7 dB worse (rasterised neuron).  At 200 the gap was still 1.04 dB on the neuron's xy view; at 300 it
+is at most 0.81 dB on every view, with the same scores against the noise-free volume (within 0.1 dB on the
+neuron and the sample; docs/quality.md)."""
 
 
 @dataclass
