@@ -24,7 +24,7 @@ def main() -> napari.Viewer:
     viewer = napari.Viewer(title="napari-neurogs-mip sample")
     viewer.open_sample(PLUGIN, "neuron")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fit MIP")
-    widget.iterations.setValue(300)
+    widget.settings_panel.set_value("iterations", 300)
     return viewer
 
 

@@ -1,8 +1,9 @@
 """Fixtures of the napari front-end tests (need napari, Qt and a display: run under Xvfb).
 
-``xvfb-run -a python -m pytest tests/napari`` or plain ``pytest`` with pytest-xvfb.
-The fits here are tiny (200 Gaussians, views at half resolution) so the whole
-GUI suite stays well under a few minutes on two CPU cores.
+``xvfb-run -a python -m pytest -p no:xvfb tests/napari``.  The fits here are tiny
+(200 Gaussians, views at half resolution) so the whole GUI suite stays within a
+few minutes on two CPU cores.  Tests of the session and of the layer rules
+(``test_session.py``, ``test_rules.py``) need no viewer.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from napari_helpers import PLUGIN, dock_fit_widget
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _renderer_loaded() -> None:
-    """Load the CPU renderer's kernels before any viewer exists.
+def _kernels_loaded() -> None:
+    """Load the CPU renderer's kernels (and Triton, via torch) before any viewer exists.
 
-    Compiling them (on a fresh checkout) holds the GIL for seconds, which is a
-    one-off cost of the process and not what the GUI tests measure; loading
-    Triton (via torch) before Mesa's OpenGL also keeps it usable (see ``_triton_guard``).
+    Compiling them on a fresh checkout holds the GIL for seconds, a one-off cost of
+    the machine that no GUI test is about; loading Triton before Mesa's OpenGL also
+    keeps it usable (see ``_triton_guard``).
     """
-    from napari_neurogs_mip._napari._fit_worker import warm_up_renderer
+    from napari_helpers import tiny_trainer
 
-    warm_up_renderer()
+    tiny_trainer().warm_up()
 
 
 @pytest.fixture

@@ -1,16 +1,19 @@
-"""Reader, writers, sample data and the field widget of the napari plugin."""
+"""Readers, writers, sample data and the field widget of the napari plugin."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 from napari_helpers import PLUGIN, wait_for
+from test_rules import write_hyperstack
 
-from napari_neurogs_mip._napari._reader import get_reader, read_checkpoint
+from napari_neurogs_mip._napari._reader import CheckpointReadError, get_reader, read_checkpoint
+from napari_neurogs_mip._napari._tiff_reader import get_tiff_reader
 from napari_neurogs_mip._napari._writer import write_checkpoint, write_mip_layers
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
 from napari_neurogs_mip.io.checkpoint import load_checkpoint, save_checkpoint
@@ -42,8 +45,11 @@ def test_reader_round_trips_a_checkpoint(tmp_path) -> None:
     path = save_checkpoint(tmp_path / "model.pt", model)
     reader = get_reader(str(path))
     assert callable(reader)
-    [(data, kwargs, layer_type)] = reader(str(path))
+    [(data, kwargs, layer_type), (projected, projection, _)] = reader(str(path))
     assert layer_type == "points"
+    # The 2D view shows every Gaussian through the xy projection (a 3D layer shows one thin z slice at a time).
+    np.testing.assert_array_equal(projected, data[:, 1:])
+    assert projection["name"] == "model (xy projection)" and tuple(projection["scale"]) == GEOMETRY.spacing_zyx[1:]
     # Points are the means in (z, y, x) voxel units; scale = spacing makes world = physical.
     voxel = model.to_frame(Frame.VOXEL, GEOMETRY).means.double().numpy()
     np.testing.assert_allclose(data, voxel[:, ::-1], atol=1e-4)
@@ -55,37 +61,53 @@ def test_reader_round_trips_a_checkpoint(tmp_path) -> None:
 
 
 def test_reader_through_napari_and_optional_field(make_napari_viewer, tmp_path) -> None:
+    """``viewer.open(path, plugin=None)`` (what ``napari model.pth`` and File > Open do) finds our reader."""
+    from napari.layers import Points
+
     path = save_checkpoint(tmp_path / "model.pth", _model(Frame.UNIT))
     viewer = make_napari_viewer()
-    [layer] = viewer.open(path, plugin=PLUGIN)
-    assert layer._type_string == "points" and len(layer.data) == 25
+    [layer, projection] = viewer.open(path, plugin=None)
+    assert isinstance(layer, Points) and len(layer.data) == 25 and layer.ndim == 3
+    assert isinstance(projection, Points) and projection.ndim == 2 and len(projection.data) == 25
     layers = read_checkpoint(path, field=True)
-    assert [kind for _, _, kind in layers] == ["points", "image"]
-    volume, kwargs, _ = layers[1]
+    assert [kind for _, _, kind in layers] == ["points", "points", "image"]
+    volume, kwargs, _ = layers[2]
     assert volume.shape == GEOMETRY.shape_zyx and volume.max() > 0
     assert tuple(kwargs["scale"]) == GEOMETRY.spacing_zyx
 
 
-def test_get_reader_declines_what_it_cannot_read(tmp_path) -> None:
+def test_a_file_we_cannot_read_says_why(make_napari_viewer, tmp_path) -> None:
+    """Other suffixes, missing files and folders are not ours (``None``); a ``.pt`` we cannot read gets a reader
+    that raises the reason, which napari passes on instead of its generic "refused the file"."""
+    from napari.errors import ReaderPluginError
+
     text = tmp_path / "notes.txt"
     text.write_text("hello")
+    for path in (text, tmp_path / "missing.pt", tmp_path):
+        assert get_reader(str(path)) is None
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00not a torch file at all")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     pickled = tmp_path / "pickled.pt"
     torch.save({"object": object}, pickled)  # weights-only loading refuses it
-    for path in (text, junk, other, pickled, tmp_path / "missing.pt", tmp_path, [str(junk), str(other)]):
-        assert get_reader(path if isinstance(path, list) else str(path)) is None
     good = save_checkpoint(tmp_path / "good.pt", _model())
-    assert get_reader([str(good), str(junk)]) is None
-    assert callable(get_reader([str(good), str(good)]))
+    for path in (junk, other, pickled, [str(good), str(junk)]):
+        reader = get_reader(path if isinstance(path, list) else str(path))
+        with pytest.raises(CheckpointReadError, match="is not a NeuRoGS-family Gaussian checkpoint"):
+            reader(path)
+    assert len(get_reader([str(good), str(good)])(None)) == 4
+    viewer = make_napari_viewer()
+    with pytest.raises(ReaderPluginError) as raised:
+        viewer.open(other, plugin=None)
+    assert "other.pt is not a NeuRoGS-family Gaussian checkpoint" in str(raised.value)
+    assert "refused the file" not in str(raised.value)
 
 
 def test_checkpoint_writer_keeps_edits_and_frame(make_napari_viewer, tmp_path) -> None:
     model = _model(Frame.NEUROGS)
     viewer = make_napari_viewer()
-    [layer] = viewer.open(save_checkpoint(tmp_path / "in.pt", model), plugin=PLUGIN)
+    [layer, _] = viewer.open(save_checkpoint(tmp_path / "in.pt", model), plugin=PLUGIN)
     # Delete one point and move another: the features stay aligned with the points.
     layer.selected_data = {3}
     layer.remove_selected()
@@ -126,13 +148,18 @@ def test_mip_writer_round_trips(tmp_path) -> None:
         (rng.random((20, 40), dtype=np.float32), {"name": "rendered xz", "scale": (2.0, 0.25), "metadata": {}}, "image"),
         (rng.random((21, 21), dtype=np.float32), {"name": "tilted", "scale": (0.3, 0.3), "metadata": {"view": "az30_el15"}}, "image"),
     ]  # fmt: skip
-    [path] = write_mip_layers(tmp_path / "mips.tif", layers)
-    mips = read_mips(path)
+    paths = write_mip_layers(tmp_path / "mips.tif", layers)
+    assert [Path(p).name for p in paths] == ["mips_xy.tif", "mips_xz.tif", "mips_az30_el15.tif"]
+    mips = read_mips(tmp_path / "mips.tif")
     assert list(mips) == ["xy", "xz", "az30_el15"]
     for (data, _, _), image in zip(layers, mips.values()):
         np.testing.assert_array_equal(image, data)
-    with tifffile.TiffFile(path) as tif:
-        sizes = {json.loads(p.description)["view"]: json.loads(p.description)["pixel_size_rc"] for p in tif.pages}
+    sizes = {}
+    for path in paths:
+        with tifffile.TiffFile(path) as tif:  # one calibrated ImageJ image per view
+            info = json.loads(tif.imagej_metadata["Info"])
+            sizes[info["view"]] = info["pixel_size_rc"]
+            assert tif.is_imagej and tif.imagej_metadata["unit"] == "um"
     assert sizes == {"xy": [0.5, 0.25], "xz": [2.0, 0.25], "az30_el15": [0.3, 0.3]}
     with pytest.raises(ValueError, match="2D"):
         write_mip_layers(tmp_path / "bad.tif", [layers[0], (np.zeros((2, 3, 4)), {"name": "v"}, "image")])
@@ -168,3 +195,36 @@ def test_field_widget_adds_the_volume(make_napari_viewer, qtbot, tmp_path) -> No
     wait_for(qtbot, lambda: "model field" in viewer.layers, timeout=30)
     field = viewer.layers["model field"]
     assert field.data.shape == GEOMETRY.shape_zyx and tuple(field.scale) == GEOMETRY.spacing_zyx
+
+
+def test_hyperstack_reader_gives_a_calibrated_layer_per_channel(make_napari_viewer, tmp_path) -> None:
+    path = tmp_path / "stack.tif"
+    data = write_hyperstack(path)
+    viewer = make_napari_viewer()
+    [builtin] = viewer.open(path)  # napari 0.9's default: its own reader, one 4D layer, uncalibrated
+    assert builtin.data.shape == (61, 2, 32, 32) and tuple(builtin.scale) == (1, 1, 1, 1)
+    layers = viewer.open(path, plugin=PLUGIN)
+    assert [layer.name for layer in layers] == ["stack ch0", "stack ch1"]
+    for index, layer in enumerate(layers):
+        np.testing.assert_array_equal(layer.data, data[:, index])
+        assert tuple(layer.scale) == (2.0, 0.5, 0.5) and tuple(layer.axis_labels) == ("z", "y", "x")
+        assert all(str(unit) == "micrometer" for unit in layer.units)
+    # Other TIFFs are left to napari's reader.
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, data[:, 0])
+    assert get_tiff_reader(str(plain)) is None
+    assert get_tiff_reader(str(tmp_path / "missing.tif")) is None
+
+
+def test_exported_mips_open_with_their_pixel_size(make_napari_viewer, tmp_path) -> None:
+    """Each file of an export opens as one 2D layer scaled by its view's pixel size, the view in its metadata."""
+    layers = [
+        (np.ones((30, 40), np.float32), {"name": "rendered xy", "scale": (0.5, 0.25), "metadata": {}}, "image"),
+        (np.ones((20, 40), np.float32), {"name": "rendered xz", "scale": (2.0, 0.25), "metadata": {}}, "image"),
+    ]
+    xy, xz = write_mip_layers(tmp_path / "mips.tif", layers)
+    viewer = make_napari_viewer()
+    [opened] = viewer.open(xz, plugin=PLUGIN)
+    assert opened.name == "mips_xz" and tuple(opened.scale) == (2.0, 0.25) and opened.metadata["view"] == "xz"
+    [opened] = viewer.open(xy, plugin=PLUGIN)
+    assert tuple(opened.scale) == (0.5, 0.25) and opened.data.shape == (30, 40)

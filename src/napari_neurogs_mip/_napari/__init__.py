@@ -1,16 +1,23 @@
-"""napari front-end: reader, writers, sample data and the *Fit MIP* dock widget.
+"""napari front-end: readers, writers, sample data, the fit session and the *Fit MIP* dock widget.
 
 Everything napari-specific lives here; the computation is in the core package.
-Modules:
+Without Qt (tested without a viewer):
 
+* :mod:`._session` holds a fit (state enum, trainer, latest step and images,
+  psygnal events); :mod:`._fit_events` is the generator a worker runs;
 * :mod:`._layers` converts between napari layers and core objects (the only
   place where the core's (x, y, z) order meets napari's (z, y, x));
-* :mod:`._reader`, :mod:`._writer`, :mod:`._sample_data` are the npe2
-  contributions named in ``napari.yaml``;
-* :mod:`._fit_worker` runs a fit as a generator for a napari thread worker;
-* :mod:`._fit_widget` is the dock widget, :mod:`._loss_plot` its loss curve;
-* :mod:`._field_widget` voxelises a Gaussian layer into an Image layer on request.
+* domain rules beside it: :mod:`._axes` (which axis of a layer is which, the
+  volume picked from it, world-to-index), :mod:`._target_rules` (which layers
+  are targets, starts, sets of MIPs), :mod:`._layout` (where live layers and
+  their labels go, the camera), :mod:`._throttle` (the refresh rate),
+  :mod:`._summary` (what the widget and its notifications say);
+* :mod:`._reader`, :mod:`._tiff_reader`, :mod:`._writer`, :mod:`._sample_data`
+  are the npe2 contributions named in ``napari.yaml``;
+* :mod:`._responsiveness` measures main-thread stalls for a benchmark.
 
-Nothing here is imported by the core, and this package imports napari lazily
-(only the widget modules need Qt), so the reader and writers stay light.
+With Qt: :mod:`._qt` (the panels, the live layers and the dock widget that
+composes them), :mod:`._loss_plot`, :mod:`._threads` (a private thread pool and
+the session's runner), :mod:`._field_widget`.  Nothing here is imported by the
+core, and napari and Qt are imported lazily, so readers and writers stay light.
 """

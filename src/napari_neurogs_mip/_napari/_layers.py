@@ -6,11 +6,13 @@ This is the one place where the core's (x, y, z) order meets napari's
 * a Gaussian model becomes a Points layer whose data are the means in voxel
   units, (z, y, x), with ``scale`` = voxel spacing (z, y, x), so world
   coordinates are physical and line up with the target volume's Image layer;
+  in a viewer whose volume has more axes (``ZCYX``) the points get those axes
+  too (:func:`points_in_axes`), so they take no slider from the volume;
 * the per-Gaussian parameters that napari does not draw (physical scales,
   rotation, amplitude) travel as layer *features*, so deleting or adding points
   keeps them aligned and a Points layer converts back to a model exactly;
-* MIP images become 2D Image layers with ``scale`` = (dv, du), placed side by
-  side through ``translate``.
+* MIP images become 2D Image layers with ``scale`` = (dv, du), placed by
+  :mod:`._layout`.
 
 Nothing here imports Qt or napari: layers are described as napari
 ``LayerDataTuple`` triples ``(data, kwargs, layer_type)``.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from ..frames import Frame, VolumeGeometry
 from ..model import GaussianModel
 from ..views import AXIS_VIEWS, View
+from ._layout import Label, Placement
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
@@ -40,7 +42,20 @@ ROLE_KEY = "neurogs_role"
 VIEW_KEY = "view"
 """Layer metadata key naming the view a 2D MIP layer shows (also written by the MIP writer)."""
 
+PROJECTION_KEY = "neurogs_projection"
+"""Layer metadata key marking the 2D xy projection of a Gaussian layer (a view of it, not a model)."""
+
 ROLES = ("target", "rendered", "residual")
+LABELS_ROLE = "labels"
+"""Role of the text layer that names the live MIP layers on the canvas."""
+RESIDUAL_COLORMAP = {
+    "name": "neurogs residual",
+    "colors": [[0.25, 0.65, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.55, 0.1, 1.0]],
+    "controls": [0.0, 0.5, 1.0],
+}
+"""Diverging and black at 0 (a good fit is dark): blue where the render is too dark, orange where too bright."""
+RESIDUAL_RANGE = 0.2
+"""Residual contrast limits are +-this (targets span [0, 1]), symmetric so that 0 is the colormap's centre."""
 SIGMA_COLUMNS = ("sigma_x", "sigma_y", "sigma_z")
 QUATERNION_COLUMNS = ("qw", "qx", "qy", "qz")
 AMPLITUDE_COLUMN = "amplitude"
@@ -61,11 +76,20 @@ def zyx_to_xyz(array: np.ndarray | Sequence[float]) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array, dtype=np.float64)[..., ::-1])
 
 
-def spacing_from_scale(scale: Sequence[float] | None) -> tuple[float, float, float]:
-    """Voxel spacing (z, y, x) from a layer's ``scale`` (its last three entries; 1.0 where missing)."""
+def spatial_columns(ndim: int, axes: str | None = None) -> list[int]:
+    """Columns (or scale entries) holding z, y, x: named by ``axes`` (``ZCYX``), else the last three."""
+    if axes and len(axes) == ndim and all(a in axes for a in "ZYX"):
+        return [axes.index(a) for a in "ZYX"]
+    return list(range(max(ndim - 3, 0), ndim))
+
+
+def spacing_from_scale(scale: Sequence[float] | None, axes: str | None = None) -> tuple[float, float, float]:
+    """Voxel spacing (z, y, x) from a layer's ``scale``: its z, y, x entries (the last three unless ``axes`` says
+    otherwise; 1.0 where missing)."""
     if scale is None:
         return (1.0, 1.0, 1.0)
-    values = [float(s) for s in scale][-3:]
+    values = [float(s) for s in scale]
+    values = [values[i] for i in spatial_columns(len(values), axes)] if len(values) >= 3 else values
     values = [1.0] * (3 - len(values)) + values
     return (values[0], values[1], values[2])
 
@@ -147,7 +171,8 @@ def points_to_model(
     Parameters
     ----------
     data
-        [N, 3] (z, y, x) point positions, voxel units (the last 3 columns are used).
+        [N, D] point positions, voxel units: the z, y, x columns (the last three, or as
+        ``metadata[MODEL_KEY]["axes"]`` names them, see :func:`points_in_axes`).
     features
         The layer's features table; missing columns get defaults (isotropic
         scale from ``size``, no rotation, amplitude :data:`DEFAULT_AMPLITUDE`).
@@ -163,11 +188,12 @@ def points_to_model(
     points = np.asarray(data, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"a Gaussian layer needs 3D points (z, y, x); got data of shape {points.shape}")
-    points = points[:, -3:]
+    info = dict((metadata or {}).get(MODEL_KEY) or {})
+    axes = info.get("axes") if isinstance(info.get("axes"), str) else None
+    points = points[:, spatial_columns(points.shape[1], axes)]
     if len(points) == 0:
         raise ValueError("the points layer is empty: a model needs at least one Gaussian")
-    info = dict((metadata or {}).get(MODEL_KEY) or {})
-    spacing_zyx = spacing_from_scale(scale)
+    spacing_zyx = spacing_from_scale(scale, axes)
     if isinstance(info.get("volume"), Mapping):
         shape_zyx = tuple(int(n) for n in info["volume"]["shape_zyx"])
     else:
@@ -216,6 +242,69 @@ def _numeric(column: Any) -> bool:
         return False
 
 
+def points_in_axes(
+    layer: LayerDataTuple, axes: str, picks: Mapping[int, int], scale: Sequence[float], translate: Sequence[float]
+) -> LayerDataTuple:
+    """A 3D Points layer of :func:`model_to_points` given the axes of the volume it was fitted to.
+
+    napari lines layers up by their last axes, so a (z, y, x) layer beside a
+    (z, c, y, x) volume would take the volume's channel slider for its z.  Here
+    each point gets a column per axis of the volume: z, y, x where the volume
+    has them, and the index the volume was picked at (``picks``, by position)
+    elsewhere, with the volume's ``scale`` and ``translate`` on those axes.
+
+    Parameters
+    ----------
+    layer
+        The (z, y, x) Points layer.
+    axes
+        The volume layer's axes (e.g. ``ZCYX``).
+    picks
+        Index along each non-spatial axis, by position.
+    scale, translate
+        The volume layer's scale and translate (all its axes).
+    """
+    data, kwargs, kind = layer
+    points = np.asarray(data, dtype=np.float64)
+    if axes == "ZYX":
+        return points, {**kwargs, "translate": tuple(float(t) for t in translate)}, kind
+    full = np.empty((len(points), len(axes)), dtype=np.float64)
+    full_scale = [float(s) for s in scale]
+    spatial = spatial_columns(len(axes), axes)
+    for column, position in enumerate(spatial):
+        full[:, position] = points[:, column]
+        full_scale[position] = float(kwargs["scale"][column])
+    for position, index in picks.items():
+        full[:, position] = float(index)
+    metadata = dict(kwargs.get("metadata") or {})
+    metadata[MODEL_KEY] = {**dict(metadata.get(MODEL_KEY) or {}), "axes": axes}
+    embedded = {**kwargs, "scale": tuple(full_scale), "translate": tuple(float(t) for t in translate)}
+    embedded["metadata"] = metadata
+    embedded["axis_labels"] = tuple(a.lower() for a in axes)
+    return full, embedded, kind
+
+
+def xy_projection(layer: LayerDataTuple) -> LayerDataTuple:
+    """The Gaussians of a (z, y, x) Points layer seen from above: 2D points at (y, x), every one of them.
+
+    napari 0.9 draws a 3D Points layer in a 2D view one z slice at a time (only the
+    points within half a voxel of it; thick slices are a viewer setting), which shows
+    a few of the Gaussians; this layer shows the whole model over the xy MIP.
+    """
+    data, kwargs, _ = layer
+    points = np.asarray(data, dtype=np.float64)
+    keep = ("size", "features", "face_color", "face_colormap", "face_contrast_limits", "border_width")
+    projected = {key: kwargs[key] for key in keep if key in kwargs}
+    projected.update(
+        name=f"{kwargs.get('name', 'gaussians')} (xy projection)",
+        scale=tuple(kwargs["scale"])[-2:],
+        opacity=0.5,
+        visible=True,
+        metadata={PROJECTION_KEY: str(kwargs.get("name", ""))},
+    )
+    return np.ascontiguousarray(points[:, -2:]), projected, "points"
+
+
 def is_model_layer(metadata: Mapping[str, Any] | None) -> bool:
     """Whether a layer's metadata marks it as a Gaussian model layer of ours."""
     return isinstance((metadata or {}).get(MODEL_KEY), Mapping)
@@ -248,32 +337,9 @@ def volume_image(volume: np.ndarray, geometry: VolumeGeometry, name: str) -> Lay
 
 
 # ------------------------------------------------------------------ MIP layers
-@dataclass(frozen=True)
-class Placement:
-    """Where a 2D view layer goes: ``scale`` (dv, du) and ``translate`` (row, column), world units."""
-
-    scale: tuple[float, float]
-    translate: tuple[float, float]
-
-
-def view_layout(views: Sequence[View], rows: int, x_start: float = 0.0) -> list[list[Placement]]:
-    """Placements of ``rows`` rows of view images (target, rendered, ...), views side by side.
-
-    Views keep their physical pixel size, so equal distances look equal in every
-    layer; columns are separated by a gap of 5% of the largest view.
-    """
-    widths = [v.width * v.du for v in views]
-    heights = [v.height * v.dv for v in views]
-    gap = 0.05 * max([*widths, *heights, 1e-9])
-    columns = np.concatenate([[0.0], np.cumsum([w + gap for w in widths])[:-1]]) + x_start
-    row_step = max(heights) + gap
-    return [
-        [Placement((v.dv, v.du), (row * row_step, float(x))) for v, x in zip(views, columns)] for row in range(rows)
-    ]
-
-
 def mip_layer(image: np.ndarray, view: View, role: str, placement: Placement) -> LayerDataTuple:
-    """A live fit layer ``"<role> <view>"``: targets and renders on [0, 1], residuals on [-0.5, 0.5]."""
+    """A live fit layer ``"<role> <view>"``: targets and renders on [0, 1], residuals on a diverging colormap
+    centred at 0 (:data:`RESIDUAL_COLORMAP`, +-:data:`RESIDUAL_RANGE`)."""
     if role not in ROLES:
         raise ValueError(f"unknown layer role {role!r}; expected one of {ROLES}")
     residual = role == "residual"
@@ -281,11 +347,27 @@ def mip_layer(image: np.ndarray, view: View, role: str, placement: Placement) ->
         "name": f"{role} {view.name}",
         "scale": placement.scale,
         "translate": placement.translate,
-        "colormap": "PiYG" if residual else ("gray" if role == "target" else "inferno"),
-        "contrast_limits": (-0.5, 0.5) if residual else (0.0, 1.0),
+        "colormap": RESIDUAL_COLORMAP if residual else ("gray" if role == "target" else "inferno"),
+        "contrast_limits": (-RESIDUAL_RANGE, RESIDUAL_RANGE) if residual else (0.0, 1.0),
         "metadata": {VIEW_KEY: view.name, ROLE_KEY: role},
     }
     return np.asarray(image, dtype=np.float32), kwargs, "image"
+
+
+def labels_layer(labels: Sequence[Label], name: str = "view labels") -> LayerDataTuple:
+    """A 2D Points layer that only writes text: each label above its position, in screen-sized letters."""
+    data = np.asarray([label.position for label in labels], dtype=np.float64).reshape(-1, 2)
+    kwargs = {
+        "name": name,
+        "size": 0.0,
+        "features": {"label": [label.text for label in labels]},
+        "text": {"string": "{label}", "anchor": "upper_left", "color": "white", "size": 9},
+        "face_color": "transparent",
+        "border_color": "transparent",
+        "border_width": 0.0,
+        "metadata": {ROLE_KEY: LABELS_ROLE},
+    }
+    return data, kwargs, "points"
 
 
 def residual(rendered: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -325,21 +407,3 @@ def spacing_from_mips(pixel_sizes: Mapping[str, tuple[float, float]]) -> tuple[f
 def full_resolution(data: Any) -> Any:
     """The full-resolution level of an image layer's data (multiscale data is a list of levels)."""
     return data[0] if isinstance(data, (list, tuple)) else data
-
-
-def leading_volume(data: Any, indices: Sequence[int]) -> Any:
-    """The 3D (z, y, x) block of an image layer's data at ``indices`` along its leading axes.
-
-    Multiscale data (a list of levels) uses the full-resolution level.  Slicing
-    stays lazy for dask/zarr arrays; conversion to numpy happens in the worker.
-    """
-    data = full_resolution(data)
-    extra = len(data.shape) - 3
-    if extra < 0:
-        raise ValueError(f"a target volume needs 3 spatial axes; the layer has shape {tuple(data.shape)}")
-    if len(indices) != extra:
-        raise ValueError(f"the layer has {extra} leading axes; give {extra} indices, got {list(indices)}")
-    for axis, (index, size) in enumerate(zip(indices, data.shape[:extra])):
-        if not 0 <= int(index) < size:
-            raise ValueError(f"index {index} is out of range for axis {axis} of size {size}")
-    return data[tuple(int(i) for i in indices)] if extra else data

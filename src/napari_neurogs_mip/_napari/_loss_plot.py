@@ -35,12 +35,12 @@ class LossPlot(QWidget):
         self.line_color = QColor("#f5a623")
         self.grid_color = QColor(128, 128, 128, 90)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setMinimumHeight(130)
+        self.setMinimumHeight(100)
         self.setToolTip("Loss (log scale) against iteration")
 
     def sizeHint(self) -> QSize:  # noqa: N802 (Qt API)
         """Preferred size."""
-        return QSize(300, 150)
+        return QSize(300, 110)
 
     # ------------------------------------------------------------------- data
     @property

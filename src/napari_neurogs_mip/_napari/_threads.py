@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from qtpy.QtCore import QThreadPool
@@ -30,7 +31,7 @@ _pool: QThreadPool | None = None
 _running: set[Any] = set()
 """Workers started here, kept alive until they finish (Qt runs them; Python must not free them)."""
 _stoppables: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Objects with a ``stop()`` that ends their worker (fit controls), stopped at exit."""
+"""Objects with a ``stop()`` that ends their worker (fit sessions), stopped at exit."""
 _exit_hooked = False
 
 
@@ -86,3 +87,18 @@ def start_worker(worker: Any) -> Any:
     worker.finished.connect(lambda: _running.discard(worker))
     worker_pool().start(worker)
     return worker
+
+
+def _relay(events: Iterator[Any]) -> Iterator[Any]:
+    yield from events
+
+
+def qt_runner(events: Iterator[Any], deliver: Callable[[Any], None], done: Callable[[], None]) -> None:
+    """A :data:`._session.Runner` for napari: a generator worker on :func:`worker_pool` that delivers each event,
+    and then ``done()``, on the main thread (Qt queues signals from the worker's thread to it)."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(_relay, events)
+    worker.yielded.connect(deliver)
+    worker.finished.connect(done)
+    start_worker(worker)

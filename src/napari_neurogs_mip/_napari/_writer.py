@@ -1,4 +1,4 @@
-"""Writer contributions: a Gaussian Points layer as a checkpoint, MIP image layers as TIFF.
+"""Writer contributions: a Gaussian Points layer as a checkpoint, MIP image layers as calibrated TIFFs.
 
 napari calls these with layer data and the layer's state (``meta``); see the
 npe2 writer specification.  They raise ``ValueError`` with a reason for layers
@@ -44,13 +44,19 @@ def _sizes(size: Any) -> np.ndarray | float | None:
 
 
 def write_mip_layers(path: str | os.PathLike, layer_data: list[FullLayerData]) -> list[str]:
-    """Write image layers as TIFF with their spacing.
+    """Write image layers as ImageJ TIFFs calibrated in micrometres.
 
-    2D layers are MIPs: one ImageJ TIFF per view (``<stem>_<view>.tif``, see
-    :func:`.io.tiff.write_mips`), named by the layer's ``view`` metadata or a view
-    name ending the layer name (``rendered xy``), else the layer name, calibrated
-    with its pixel size (rows, columns) from the layer scale.  A single 3D layer
-    is written as an ImageJ volume with its voxel spacing.
+    2D layers are MIPs: one TIFF per view, ``<stem>_<view>.tif`` beside the
+    path given (see :func:`.io.tiff.write_mips`), named by the layer's ``view``
+    metadata or a view name ending the layer name (``rendered xy``), with the
+    layer scale as the pixel size (rows, columns).  Fiji and this plugin's reader
+    open them with that pixel size.  A single 3D layer is written as an ImageJ
+    volume with its voxel spacing.
+
+    Returns
+    -------
+    list of str
+        The files written (napari lists them).
     """
     if not layer_data:
         raise ValueError("no layers to write")
@@ -60,7 +66,7 @@ def write_mip_layers(path: str | os.PathLike, layer_data: list[FullLayerData]) -
         return [str(write_volume(path, np.asarray(data), spacing_from_scale(meta.get("scale"))))]
     if any(n != 2 for n in shapes):
         raise ValueError(
-            f"MIP TIFFs take 2D image layers (or one 3D volume); got layers of {shapes} dimensions "
+            f"MIP TIFFs take 2D image layers, one per view (or one 3D volume); got layers of {shapes} dimensions "
             f"({[meta.get('name') for _, meta, _ in layer_data]})"
         )
     images: dict[str, np.ndarray] = {}

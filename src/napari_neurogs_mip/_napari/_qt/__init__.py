@@ -1,0 +1,6 @@
+"""Qt widgets of the plugin: panels that each return their part of the core's inputs, the live layers, and the
+*Fit MIP* dock widget that composes them around a :class:`.._session.FitSession`.
+
+Everything that imports Qt lives here (and in :mod:`.._loss_plot`, :mod:`.._threads`, :mod:`.._field_widget`);
+the session, the fit events and the layer rules beside this package do not.
+"""
