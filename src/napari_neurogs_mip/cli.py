@@ -1,4 +1,4 @@
-"""Command line: ``neurogs-mip fit | render | info``.
+"""Command line: ``neurogs-mip fit | render | eval | info | fit-blocks``.
 
 ``fit`` keeps the seed trainer's flags (``--checkpoint``, ``--num_gaussians``,
 ``--iterations``, ``--lr``, ``--lambda_mse``, ``--lambda_ssim``, ``--num_views``,
@@ -20,6 +20,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .blocks import command as blocks_command
 
 if TYPE_CHECKING:  # the commands import these lazily, to start fast
     import torch
@@ -289,6 +291,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     info = commands.add_parser("info", help="describe a checkpoint or TIFF file", **kinds)
     info.add_argument("path")
     _add_selection_flags(info)
+    blocks_command.add_fit_blocks_parser(commands, _HelpFormatter)
     return parser, {"fit": fit, "render": render, "eval": evaluate, "info": info}
 
 
@@ -794,7 +797,13 @@ def _main(argv: Sequence[str] | None) -> int:
     from .io.checkpoint import CheckpointError
     from .train import TrainingError
 
-    handlers = {"fit": _fit, "render": _render, "eval": _eval, "info": _info}
+    handlers = {
+        "fit": _fit,
+        "render": _render,
+        "eval": _eval,
+        "info": _info,
+        "fit-blocks": blocks_command.run_fit_blocks,
+    }
     try:
         return handlers[args.command](args)
     except TrainingError as error:
