@@ -25,7 +25,7 @@ import napari
 import numpy as np
 
 from napari_neurogs_mip._napari._responsiveness import Stalls, measure_stalls
-from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FitConfig, Trainer
 
 PLUGIN = "napari-neurogs-mip"

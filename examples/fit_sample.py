@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FinishedEvent, FitConfig, StepEvent, Trainer
 
 

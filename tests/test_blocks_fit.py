@@ -35,7 +35,7 @@ from napari_neurogs_mip.io.run_folder import RunFolderError
 from napari_neurogs_mip.io.tiff import write_volume
 from napari_neurogs_mip.render import Renderer
 from napari_neurogs_mip.sample import procedural_skeleton, synthesize
-from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FitConfig, StepEvent, Trainer
 from napari_neurogs_mip.views import make_views
 
@@ -228,7 +228,7 @@ def test_command_line_fits_a_tiff_and_names_bad_flags(
 def test_a_failing_block_is_named_and_the_others_are_kept(
     volume: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import napari_neurogs_mip.init as init
+    import napari_neurogs_mip.initial_model as init
 
     original = init.init_from_volume
     calls = []

@@ -22,7 +22,7 @@ from napari_neurogs_mip.blocks.plan import (
     plan_blocks,
 )
 from napari_neurogs_mip.blocks.survey import CELL_RANK, cell_voxels, run_survey, survey_regions
-from napari_neurogs_mip.init import find_foreground
+from napari_neurogs_mip.initial_model import find_foreground
 from napari_neurogs_mip.io.lazy import open_volume, write_ome_zarr
 from napari_neurogs_mip.sample import procedural_skeleton, synthesize
 

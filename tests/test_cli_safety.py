@@ -16,7 +16,7 @@ from cli_checks import assert_bad_input, snapshot
 from napari_neurogs_mip.cli import main
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.io.run_folder import claim_run_folder
-from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FINAL_NAME, FitConfig, SaveError, Trainer
 
 TINY = ["--iterations", "2", "--backend", "torch", "--device", "cpu", "--num_gaussians", "20", "--no-densify"]
@@ -81,7 +81,7 @@ def test_fit_resumes_in_its_own_folder(finished_run, volume_tif, capsys):
 
 def test_a_locked_folder_refuses_a_second_fit_at_once(tmp_path, volume_tif, capsys, monkeypatch):
     out = tmp_path / "busy"
-    monkeypatch.setattr("napari_neurogs_mip.setup.prepare_fit", lambda *a: pytest.fail("targets were built"))
+    monkeypatch.setattr("napari_neurogs_mip.prepare.prepare_fit", lambda *a: pytest.fail("targets were built"))
     with claim_run_folder(out):
         assert_bad_input(capsys, ["fit", "--target", str(volume_tif), "--out", str(out), *TINY], "in use",
                          f"process {os.getpid()}", unchanged=[out])  # fmt: skip
@@ -101,7 +101,7 @@ def test_a_symlink_loop_as_out_is_refused_before_any_work(tmp_path, volume_tif, 
     loop = tmp_path / "loop"
     loop.symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(loop)
-    monkeypatch.setattr("napari_neurogs_mip.setup.prepare_fit", lambda *a: pytest.fail("targets were built"))
+    monkeypatch.setattr("napari_neurogs_mip.prepare.prepare_fit", lambda *a: pytest.fail("targets were built"))
     assert_bad_input(capsys, ["fit", "--target", str(volume_tif), "--out", str(loop / "run"), *TINY], "loop")
 
 

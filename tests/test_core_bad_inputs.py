@@ -13,7 +13,7 @@ import napari_neurogs_mip.train as train_module
 from cli_checks import assert_bad_input
 from napari_neurogs_mip.cli import main
 from napari_neurogs_mip.frames import VolumeGeometry
-from napari_neurogs_mip.init import init_from_volume
+from napari_neurogs_mip.initial_model import init_from_volume
 from napari_neurogs_mip.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from napari_neurogs_mip.sample import Imaging, procedural_skeleton, rasterize_skeleton
 from napari_neurogs_mip.targets import targets_from_volume

@@ -18,7 +18,7 @@ from napari_neurogs_mip.losses import psnr
 from napari_neurogs_mip.model import GaussianModel
 from napari_neurogs_mip.render import render_mip
 from napari_neurogs_mip.render.field import field_mips, voxelize
-from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FINAL_NAME
 from napari_neurogs_mip.views import make_views
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from napari_neurogs_mip.frames import VolumeGeometry
-from napari_neurogs_mip.init import init_from_volume
+from napari_neurogs_mip.initial_model import init_from_volume
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.sample import Imaging, procedural_skeleton, rasterize_skeleton
 from napari_neurogs_mip.targets import targets_from_volume

@@ -25,7 +25,7 @@ from napari_neurogs_mip.densify import (
     win_counts,
 )
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
-from napari_neurogs_mip.init import init_from_volume
+from napari_neurogs_mip.initial_model import init_from_volume
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.model import GaussianModel
 from napari_neurogs_mip.render import Renderer

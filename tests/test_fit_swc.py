@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
-from napari_neurogs_mip.init import init_from_volume
+from napari_neurogs_mip.initial_model import init_from_volume
 from napari_neurogs_mip.io.swc import read_swc
 from napari_neurogs_mip.losses import psnr
 from napari_neurogs_mip.render import Renderer

@@ -18,13 +18,13 @@ import pytest
 import tifffile
 import torch
 
-import napari_neurogs_mip.init as init_module
+import napari_neurogs_mip.initial_model as init_module
 import napari_neurogs_mip.preflight as preflight
 import napari_neurogs_mip.render.field as field_module
-import napari_neurogs_mip.setup as fit_setup
+import napari_neurogs_mip.prepare as fit_setup
 from cli_checks import assert_bad_input
 from napari_neurogs_mip.frames import VolumeGeometry
-from napari_neurogs_mip.init import init_from_swc
+from napari_neurogs_mip.initial_model import init_from_swc
 from napari_neurogs_mip.io.swc import Skeleton, read_swc
 from napari_neurogs_mip.preflight import (
     FitPlan,
@@ -36,7 +36,7 @@ from napari_neurogs_mip.preflight import (
     estimate_fit_memory,
     swc_gaussian_count,
 )
-from napari_neurogs_mip.setup import VOLUME_VIEWS, FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import VOLUME_VIEWS, FitInputs, prepare_fit
 from napari_neurogs_mip.views import AXIS_VIEWS, make_views
 
 GIB = 1 << 30

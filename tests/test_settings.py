@@ -60,7 +60,7 @@ def test_fit_config_checks_come_from_the_descriptions(settings, fragment):
 def test_core_training_and_cli_modules_load_no_qt_or_napari():
     code = (
         "import sys\n"
-        "import napari_neurogs_mip.cli, napari_neurogs_mip.train, napari_neurogs_mip.setup\n"
+        "import napari_neurogs_mip.cli, napari_neurogs_mip.train, napari_neurogs_mip.prepare\n"
         "import napari_neurogs_mip.render, napari_neurogs_mip.densify, napari_neurogs_mip.io.checkpoint\n"
         "from napari_neurogs_mip.cli import build_parser; build_parser()\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -456,7 +456,7 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
     from tqdm import tqdm
 
     from .metrics import format_table
-    from .setup import FitInputs, prepare_fit
+    from .prepare import FitInputs, prepare_fit
     from .train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
     from .views import parse_view_specs
 

@@ -372,7 +372,7 @@ def _backend(kind: torch.device) -> str:
 
 
 def swc_gaussian_count(skeleton: Skeleton, geometry: VolumeGeometry) -> int:
-    """Gaussians :func:`.init.init_from_swc` places along ``skeleton`` on ``geometry``, without placing them.
+    """Gaussians :func:`.initial_model.init_from_swc` places along ``skeleton`` on ``geometry``, without placing them.
 
     The same rule, vectorised: each edge gets ``max(1, ceil(length / mean radius))`` Gaussians (radii at least
     half the finest spacing), a skeleton without edges one per node.
@@ -513,7 +513,7 @@ def check_fit_resources(
         The peak exceeds what is usable: one line with the estimate, what is available, the largest part,
         the option that shrinks it and the largest setting of it that fits.
     """
-    from .setup import VOLUME_VIEWS
+    from .prepare import VOLUME_VIEWS
     from .train import DEFAULT_BUDGET
 
     kind = _device(device)

@@ -40,7 +40,7 @@ def wait_idle(qtbot, widget, timeout: float = 60.0) -> None:
 
 def tiny_trainer():
     """A trainer of four Gaussians on a 12^3 random volume (kernels load in it like in any fit)."""
-    from napari_neurogs_mip.setup import FitInputs, prepare_fit
+    from napari_neurogs_mip.prepare import FitInputs, prepare_fit
     from napari_neurogs_mip.train import FitConfig, Trainer
 
     volume = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)

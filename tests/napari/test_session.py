@@ -13,7 +13,7 @@ from napari_neurogs_mip._napari import _fit_events
 from napari_neurogs_mip._napari._fit_events import Compiling, Failed, Fitted, Ready, fit_events
 from napari_neurogs_mip._napari._session import FitSession, FitState
 from napari_neurogs_mip.model import GaussianModel
-from napari_neurogs_mip.setup import FitInputs
+from napari_neurogs_mip.prepare import FitInputs
 from napari_neurogs_mip.train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
 
 TIMEOUT = 120.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import GaussianModel
-from ..setup import FitInputs, prepare_fit
+from ..prepare import FitInputs, prepare_fit
 from ..train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
 from ._summary import failed_message
 from ._triton_guard import guard_triton_import
@@ -116,7 +116,7 @@ def fit_events(
     Parameters
     ----------
     inputs
-        Target and initial model (see :func:`napari_neurogs_mip.setup.prepare_fit`).
+        Target and initial model (see :func:`napari_neurogs_mip.prepare.prepare_fit`).
     config
         Fit settings.
     cancel

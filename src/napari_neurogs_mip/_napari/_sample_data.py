@@ -1,7 +1,7 @@
 """Sample data contributions: the procedural neuron volume and a matching initial model.
 
 Both are made by the core (:func:`napari_neurogs_mip.sample.sample_volume`,
-:func:`napari_neurogs_mip.setup.prepare_fit`), with fixed seeds, so they
+:func:`napari_neurogs_mip.prepare.prepare_fit`), with fixed seeds, so they
 are the same on every machine and line up in world (physical) coordinates.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..frames import VolumeGeometry
 from ..sample import sample_volume
-from ..setup import FitInputs, prepare_fit
+from ..prepare import FitInputs, prepare_fit
 from ._layers import LayerDataTuple, model_to_points, volume_image
 
 SAMPLE_GAUSSIANS = 2000

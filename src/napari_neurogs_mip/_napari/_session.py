@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from psygnal import Signal, SignalGroup, evented
 
-from ..setup import FitInputs
+from ..prepare import FitInputs
 from ..train import CheckpointEvent, FinishedEvent, FitConfig, StepEvent, Trainer
 from ..views import View
 from ._fit_events import Compiling, Failed, Fitted, FitUpdate, Ready, fit_events

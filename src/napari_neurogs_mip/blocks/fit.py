@@ -1,6 +1,6 @@
 """One block's fit, as a task on a dask worker: read core + halo, fit, keep the core's Gaussians, write them.
 
-The fit is the single-volume pipeline: :func:`.setup.prepare_fit` on the block's
+The fit is the single-volume pipeline: :func:`.prepare.prepare_fit` on the block's
 voxels (its checks, views and memory preflight) and :class:`.train.Trainer`.  Two
 things differ, both so that the blocks add up to one model of the volume:
 
@@ -8,7 +8,7 @@ things differ, both so that the blocks add up to one model of the volume:
   whole volume's ``(low, high)`` (:func:`.survey.global_normalization`), and each
   view's background is its own MIP's, as in a single fit; a block's own
   percentiles would give each block its own intensity scale.  The start is
-  :func:`.init.init_from_volume` with the same ``(low, high)``, handed to
+  :func:`.initial_model.init_from_volume` with the same ``(low, high)``, handed to
   ``prepare_fit`` as the initial model.
 * **the start is on structure**: the initial Gaussians outside the survey's
   foreground cells are dropped (see :func:`_on_structure`).
@@ -145,8 +145,8 @@ def fit_block(task: BlockTask) -> dict[str, Any]:
     """
     import torch
 
-    from ..init import init_from_volume
-    from ..setup import FitInputs, prepare_fit
+    from ..initial_model import init_from_volume
+    from ..prepare import FitInputs, prepare_fit
     from ..targets import targets_for_views
     from ..train import DEFAULT_BUDGET, FinishedEvent, Trainer
 

@@ -16,7 +16,7 @@ fit is expected to make (a neurite's radius plus the PSF; a soma is larger).
 
 Blocks whose cores hold no foreground are skipped.  The foreground is decided on
 a coarse grid of *cells* (:mod:`.survey`): the rule of
-:func:`napari_neurogs_mip.init.find_foreground` (background + the larger of
+:func:`napari_neurogs_mip.initial_model.find_foreground` (background + the larger of
 ``FOREGROUND_SIGMAS`` noise sigmas and ``FOREGROUND_FLOOR`` of the range, on the
 volume blurred by one voxel), with the sigmas raised for the volume's size
 (:class:`ForegroundRule`), applied to each cell's few brightest blurred voxels
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..frames import VolumeGeometry
-from ..init import FOREGROUND_FLOOR, FOREGROUND_SIGMAS
+from ..initial_model import FOREGROUND_FLOOR, FOREGROUND_SIGMAS
 
 Range = tuple[int, int]
 """Voxel indices ``[start, stop)`` along one axis."""
@@ -174,7 +174,7 @@ class ForegroundRule:
 
     @classmethod
     def from_cells(cls, samples: np.ndarray, high: float, voxels: int = 0) -> ForegroundRule:
-        """The rule of :func:`napari_neurogs_mip.init.find_foreground` on ``samples`` (blurred voxels spread over
+        """The rule of :func:`napari_neurogs_mip.initial_model.find_foreground` on ``samples`` (blurred voxels spread over
         the volume; NaN ignored) with ``high`` the intensity that maps to 1.
 
         ``voxels``: the volume's size.  ``FOREGROUND_SIGMAS`` puts a voxel of Gaussian noise over the level once in

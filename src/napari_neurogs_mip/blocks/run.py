@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..frames import VolumeGeometry
-from ..init import FOREGROUND_FLOOR
+from ..initial_model import FOREGROUND_FLOOR
 from ..io.lazy import LazyVolume, open_volume
 from ..io.run_folder import FINAL_NAME, claim_run_folder, stale_temp_files
 from ..targets import Normalization
@@ -167,7 +167,7 @@ def fit_blocks(
         Edge of the survey's cells, finest spacings: the resolution of the skip decision.
     view_specs, downsample, normalize, num_gaussians
         As for ``neurogs-mip fit`` (``--views``, ``--downsample``, ``--normalize``, ``--num_gaussians``), per block;
-        default views: :data:`.setup.VOLUME_VIEWS`.
+        default views: :data:`.prepare.VOLUME_VIEWS`.
     config
         The fit's settings for every block (iterations, rates, device, ...).
     cluster
@@ -189,7 +189,7 @@ def fit_blocks(
     BlockFitError
         Blocks failed; the others are saved.
     """
-    from ..setup import VOLUME_VIEWS
+    from ..prepare import VOLUME_VIEWS
     from ..views import make_views
 
     started = time.perf_counter()

@@ -4,7 +4,7 @@ The volume is read in chunks (one task each, on the dask workers); each task
 returns its chunk's three axis MIPs (``xy``, ``xz``, ``yz``, raw intensities) and,
 per *cell* of ``cell`` voxels, the :data:`CELL_RANK`-th brightest voxel and the
 centre voxel of the volume blurred by one voxel (:func:`scipy.ndimage.gaussian_filter`,
-``sigma=1``, ``mode="nearest"``: the smoothing of :func:`napari_neurogs_mip.init.find_foreground`,
+``sigma=1``, ``mode="nearest"``: the smoothing of :func:`napari_neurogs_mip.initial_model.find_foreground`,
 exact across chunks because each chunk is read with a margin of the filter's
 radius).  The caller folds the parts together as they arrive, so the memory held
 is the MIPs (2D) and the cells, never the volume.

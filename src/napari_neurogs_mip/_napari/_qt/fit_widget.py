@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QFileDialog, QScrollArea, QSizePolicy, QVBoxLayout, Q
 
 from ...io.tiff import write_mips
 from ...metrics import format_table
-from ...setup import FitInputs
+from ...prepare import FitInputs
 from ...train import FinishedEvent, FitConfig, StepEvent, Trainer
 from .._axes import planes_needed
 from .._fit_events import Ready

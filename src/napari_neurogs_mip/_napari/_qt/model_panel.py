@@ -1,6 +1,6 @@
 """The *Model* panel: what the fit starts from (from scratch, a checkpoint, an SWC skeleton, a Points layer).
 
-It returns its part of :class:`~napari_neurogs_mip.setup.FitInputs`
+It returns its part of :class:`~napari_neurogs_mip.prepare.FitInputs`
 (:meth:`ModelPanel.inputs`); a Points layer becomes an in-memory model
 (``FitInputs.model``) with the edits made to it.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QSpinBox, QVBoxLayout, QWidget
 
-from ...setup import INITS, LEGACY_COUNT, FitInputs
+from ...prepare import INITS, LEGACY_COUNT, FitInputs
 from .._layers import points_to_model
 from .._target_rules import offered_starts
 from .rows import FileRow, Row, combo, group
@@ -88,7 +88,7 @@ class ModelPanel(QWidget):
             self._rows[choice].setVisible(start == choice)
 
     def inputs(self) -> dict[str, Any]:
-        """This panel's part of :class:`~napari_neurogs_mip.setup.FitInputs`.
+        """This panel's part of :class:`~napari_neurogs_mip.prepare.FitInputs`.
 
         Raises
         ------

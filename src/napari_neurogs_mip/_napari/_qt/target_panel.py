@@ -1,6 +1,6 @@
 """The *Target* panel: what to fit (an image layer or a TIFF file), which axis is which, the voxel size.
 
-It returns its part of :class:`~napari_neurogs_mip.setup.FitInputs`
+It returns its part of :class:`~napari_neurogs_mip.prepare.FitInputs`
 (:meth:`TargetPanel.inputs`); the axis rules are :mod:`.._axes`, the choice of
 MIP layers :mod:`.._target_rules`.
 """
@@ -314,7 +314,7 @@ class TargetPanel(QWidget):
         return [self.viewer.layers[name] for name in self._mip_names().values()]
 
     def inputs(self, min_planes: int = 2) -> dict[str, Any]:
-        """This panel's part of :class:`~napari_neurogs_mip.setup.FitInputs`.
+        """This panel's part of :class:`~napari_neurogs_mip.prepare.FitInputs`.
 
         Parameters
         ----------

@@ -1,6 +1,6 @@
 """The *Views* panel: which views to fit and hold out, and at what resolution.
 
-It returns its part of :class:`~napari_neurogs_mip.setup.FitInputs`
+It returns its part of :class:`~napari_neurogs_mip.prepare.FitInputs`
 (:meth:`ViewsPanel.inputs`); view names and defaults are the core's.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QLineEdit, QSpinBox, QVBoxLayout, QWidget
 
 from ...frames import VolumeGeometry
-from ...setup import VOLUME_VIEWS, FitInputs
+from ...prepare import VOLUME_VIEWS, FitInputs
 from ...views import AXIS_VIEWS, make_views, parse_view_specs
 from .rows import Row, combo, group, info_label
 
@@ -138,7 +138,7 @@ class ViewsPanel(QWidget):
         return None
 
     def inputs(self, volume: bool = True) -> dict[str, Any]:
-        """This panel's part of :class:`~napari_neurogs_mip.setup.FitInputs`; MIP targets (``volume=False``)
+        """This panel's part of :class:`~napari_neurogs_mip.prepare.FitInputs`; MIP targets (``volume=False``)
         hold out nothing (they have no volume to render held-out views from)."""
         return {
             "view_specs": self.view_specs(),

@@ -137,7 +137,7 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         A ``ValueError``: the fit would need more memory than is available (the message names the option
         to change).
     """
-    from .init import init_from_bright_voxels, init_from_mips, init_from_swc, init_from_volume
+    from .initial_model import init_from_bright_voxels, init_from_mips, init_from_swc, init_from_volume
     from .io.tiff import read_mips
     from .render.field import voxelize
     from .train import DEFAULT_BUDGET
