@@ -41,9 +41,9 @@ from datasets import DatasetUnavailableError, nuclei, swc_neuron
 
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
 from napari_neurogs_mip.metrics import foreground_mask, format_table, score
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.render import Renderer
 from napari_neurogs_mip.sample import synthetic_sample
-from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.targets import Normalization, Targets, targets_for_views
 from napari_neurogs_mip.train import FinishedEvent, FitConfig, Trainer
 from napari_neurogs_mip.views import AXIS_VIEWS

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from napari_neurogs_mip.setup import FitInputs, prepare_fit
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FitConfig, StepEvent, Trainer
 
 

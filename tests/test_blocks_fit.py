@@ -33,9 +33,9 @@ from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.io.lazy import write_ome_zarr
 from napari_neurogs_mip.io.run_folder import RunFolderError
 from napari_neurogs_mip.io.tiff import write_volume
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.render import Renderer
 from napari_neurogs_mip.sample import procedural_skeleton, synthesize
-from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FitConfig, StepEvent, Trainer
 from napari_neurogs_mip.views import make_views
 

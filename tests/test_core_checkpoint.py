@@ -14,9 +14,9 @@ from napari_neurogs_mip.frames import Frame, VolumeGeometry
 from napari_neurogs_mip.initial_model import init_from_volume
 from napari_neurogs_mip.io.checkpoint import load_checkpoint, save_checkpoint
 from napari_neurogs_mip.model import GaussianModel
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.render import render_mip
 from napari_neurogs_mip.sample import Imaging, procedural_skeleton, rasterize_skeleton
-from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.targets import targets_from_volume
 from napari_neurogs_mip.train import FINAL_NAME, FinishedEvent, FitConfig, Trainer
 from napari_neurogs_mip.views import make_views

@@ -16,9 +16,9 @@ from napari_neurogs_mip.io.checkpoint import load_checkpoint, save_checkpoint
 from napari_neurogs_mip.io.tiff import read_mips, write_volume
 from napari_neurogs_mip.losses import psnr
 from napari_neurogs_mip.model import GaussianModel
+from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.render import render_mip
 from napari_neurogs_mip.render.field import field_mips, voxelize
-from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FINAL_NAME
 from napari_neurogs_mip.views import make_views
 

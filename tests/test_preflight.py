@@ -20,8 +20,8 @@ import torch
 
 import napari_neurogs_mip.initial_model as init_module
 import napari_neurogs_mip.preflight as preflight
-import napari_neurogs_mip.render.field as field_module
 import napari_neurogs_mip.prepare as fit_setup
+import napari_neurogs_mip.render.field as field_module
 from cli_checks import assert_bad_input
 from napari_neurogs_mip.frames import VolumeGeometry
 from napari_neurogs_mip.initial_model import init_from_swc

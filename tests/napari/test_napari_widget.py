@@ -28,8 +28,8 @@ from napari_neurogs_mip._napari._threads import worker_pool
 from napari_neurogs_mip.device import available_devices
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.io.tiff import read_mips
-from napari_neurogs_mip.settings import settings_of
 from napari_neurogs_mip.prepare import VOLUME_VIEWS, FitInputs
+from napari_neurogs_mip.settings import settings_of
 from napari_neurogs_mip.train import FinishedEvent, FitConfig, Trainer
 
 pytestmark = pytest.mark.gui

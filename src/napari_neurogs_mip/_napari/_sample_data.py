@@ -12,8 +12,8 @@ from functools import lru_cache
 import numpy as np
 
 from ..frames import VolumeGeometry
-from ..sample import sample_volume
 from ..prepare import FitInputs, prepare_fit
+from ..sample import sample_volume
 from ._layers import LayerDataTuple, model_to_points, volume_image
 
 SAMPLE_GAUSSIANS = 2000
