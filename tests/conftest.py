@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -29,3 +31,12 @@ def shared_checkpoints(shared_dir: Path) -> list[Path]:
     if not paths:
         pytest.skip(f"no checkpoint files in {shared_dir / 'data' / 'checkpoints'}")
     return paths
+
+
+@pytest.fixture
+def volume_tif(tmp_path: Path) -> Path:
+    """A small float32 TIFF volume (12 x 24 x 24) of sparse bright voxels, written by tifffile."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "volume.tif"
+    tifffile.imwrite(path, (rng.random((12, 24, 24)) ** 6).astype(np.float32))
+    return path

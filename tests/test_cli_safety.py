@@ -6,7 +6,6 @@ import errno
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tifffile
 import torch
@@ -20,14 +19,6 @@ from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.train import FINAL_NAME, FitConfig, SaveError, Trainer
 
 TINY = ["--iterations", "2", "--backend", "torch", "--device", "cpu", "--num_gaussians", "20", "--no-densify"]
-
-
-@pytest.fixture
-def volume_tif(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path / "volume.tif"
-    tifffile.imwrite(path, (rng.random((12, 24, 24)) ** 6).astype(np.float32))
-    return path
 
 
 @pytest.fixture

@@ -32,14 +32,6 @@ def _good_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture
-def volume_tif(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path / "volume.tif"
-    tifffile.imwrite(path, (rng.random((12, 24, 24)) ** 6).astype(np.float32))
-    return path
-
-
 def _fit(volume_tif: Path, out: Path, *extra: str) -> list[str]:
     return ["fit", "--target", str(volume_tif), "--out", str(out), "--iterations", "2", "--backend", "torch",
             "--device", "cpu", "--num_gaussians", "20", *extra]  # fmt: skip
