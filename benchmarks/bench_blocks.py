@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pictures import comparison_row, save_rows
 
 from napari_neurogs_mip.blocks import ClusterSpec, fit_blocks
 from napari_neurogs_mip.blocks.engine import open_client, run_tasks
@@ -224,17 +225,6 @@ def torch_index(mask: np.ndarray):
 def save_picture(path: Path, target: np.ndarray, render: np.ndarray, cores: list, title: str) -> Path:
     """Two rows of target | merged render | residual: the whole xy MIP (max-pooled) and a native crop across seams
     (the cores' faces drawn dashed), gamma 0.5 as the quality pictures."""
-    from PIL import Image, ImageDraw
-
-    def panel(image: np.ndarray) -> np.ndarray:
-        return np.repeat((np.sqrt(np.clip(image, 0, 1)) * 255)[..., None], 3, -1)
-
-    def residual(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        signed = np.zeros((*a.shape, 3))
-        signed[..., 0] = np.sqrt(np.clip(b - a, 0, 1)) * 255
-        signed[..., 2] = np.sqrt(np.clip(a - b, 0, 1)) * 255
-        return signed
-
     size = 512
     factor = math.ceil(max(target.shape) / size)
     pad = [(0, -n % factor) for n in target.shape]
@@ -248,34 +238,24 @@ def save_picture(path: Path, target: np.ndarray, render: np.ndarray, cores: list
     r0 = int(np.clip(best[0] - size // 2, 0, target.shape[0] - size))
     c0 = int(np.clip(best[1] - size // 2, 0, target.shape[1] - size))
     crop = [i[r0 : r0 + size, c0 : c0 + size] for i in (target, render)]
-    rows = []
-    for (t, r), label in ((pooled, f"whole xy MIP, max-pooled x{factor}"),
-                          (crop, f"native crop at y {r0}, x {c0}: cores' faces dashed")):  # fmt: skip
-        gap = np.full((t.shape[0], 6, 3), 80.0)
-        rows.append((label, np.concatenate([panel(t), gap, panel(r), gap, residual(t, r)], axis=1).astype(np.uint8)))
-    width = max(r.shape[1] for _, r in rows)
-    canvas = Image.new("RGB", (width, sum(r.shape[0] + 18 for _, r in rows) + 20), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), title + "   (target | merged render | residual: red too bright, blue missing)", fill="white")
-    top = 20
-    for index, (label, row) in enumerate(rows):
-        draw.text((4, top + 2), label, fill=(255, 255, 160))
-        canvas.paste(Image.fromarray(row), (0, top + 16))
-        if index == 1:
-            faces_y = sorted({f for c in cores for f in c["core"][1] if r0 < f < r0 + size})
-            faces_x = sorted({f for c in cores for f in c["core"][2] if c0 < f < c0 + size})
-            for panel_index in range(3):
-                left = panel_index * (size + 6)
-                for f in faces_y:
-                    for x in range(0, size, 8):
-                        draw.line([(left + x, top + 16 + f - r0), (left + x + 4, top + 16 + f - r0)], fill=(0, 200, 0))
-                for f in faces_x:
-                    for y in range(0, size, 8):
-                        draw.line([(left + f - c0, top + 16 + y), (left + f - c0, top + 16 + y + 4)], fill=(0, 200, 0))
-        top += row.shape[0] + 18
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    rows = [(f"whole xy MIP, max-pooled x{factor}", comparison_row(*pooled, gap=6)),
+            (f"native crop at y {r0}, x {c0}: cores' faces dashed", comparison_row(*crop, gap=6))]  # fmt: skip
+    faces_y = sorted({f for c in cores for f in c["core"][1] if r0 < f < r0 + size})
+    faces_x = sorted({f for c in cores for f in c["core"][2] if c0 < f < c0 + size})
+
+    def dash_faces(draw, index: int, top: int) -> None:
+        if index != 1:
+            return
+        for left in (0, size + 6, 2 * (size + 6)):
+            for f in faces_y:
+                for x in range(0, size, 8):
+                    draw.line([(left + x, top + f - r0), (left + x + 4, top + f - r0)], fill=(0, 200, 0))
+            for f in faces_x:
+                for y in range(0, size, 8):
+                    draw.line([(left + f - c0, top + y), (left + f - c0, top + y + 4)], fill=(0, 200, 0))
+
+    title += "   (target | merged render | residual: red too bright, blue missing)"
+    return save_rows(path, title, rows, caption=16, decorate=dash_faces)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import DatasetUnavailableError, nuclei, swc_neuron
+from pictures import comparison_row, save_rows
 
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
 from napari_neurogs_mip.metrics import foreground_mask, format_table, score
@@ -190,37 +191,12 @@ def run(dataset: Dataset, variant: Variant, iterations: int, pictures: Path | No
 
 
 def save_figure(targets: Targets, images: list[torch.Tensor], held: list[str], title: str, path: Path) -> Path:
-    """One row per view: target | render | residual (render - target: red too bright, blue missing).
-
-    Intensities are shown with gamma 0.5 so that dendrites at 5-10 % of the soma stay visible.
-    """
-    from PIL import Image, ImageDraw
-
+    """One row per view: target | render | residual (see :mod:`pictures`)."""
     rows = []
     for view, image, target in zip(targets.views, images, targets.images):
-        render = np.clip(image.cpu().numpy(), 0, 1)
-        residual = render - target
-        grey = [np.repeat((np.sqrt(np.clip(a, 0, 1)) * 255)[..., None], 3, -1) for a in (target, render)]
-        signed = np.zeros((*residual.shape, 3))
-        signed[..., 0] = np.sqrt(np.clip(residual, 0, 1)) * 255
-        signed[..., 2] = np.sqrt(np.clip(-residual, 0, 1)) * 255
-        gap = np.full((target.shape[0], 4, 3), 80.0)
-        row = np.concatenate([grey[0], gap, grey[1], gap, signed], axis=1).astype(np.uint8)
         label = f"{view.name} ({'held-out' if view.name in held else 'trained'}): target | render | residual"
-        rows.append((label, row))
-    width = max(r.shape[1] for _, r in rows)
-    height = sum(r.shape[0] + 16 for _, r in rows) + 20
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), title, fill=(255, 255, 255))
-    top = 20
-    for label, row in rows:
-        draw.text((4, top + 2), label, fill=(255, 255, 160))
-        canvas.paste(Image.fromarray(row), (0, top + 14))
-        top += row.shape[0] + 16
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+        rows.append((label, comparison_row(target, image.cpu().numpy())))
+    return save_rows(path, title, rows)
 
 
 def main() -> None:

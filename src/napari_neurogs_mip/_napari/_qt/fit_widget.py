@@ -29,6 +29,7 @@ from .._throttle import Throttle
 from .._triton_guard import guard_triton_import
 from .live_layers import LiveLayers
 from .model_panel import ModelPanel
+from .rows import bare
 from .run_panel import RunPanel
 from .settings_panel import SettingsPanel
 from .target_panel import TargetPanel
@@ -95,9 +96,7 @@ class FitWidget(QWidget):
 
     def _build(self) -> None:
         self.settings = QWidget()
-        column = QVBoxLayout(self.settings)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.setSpacing(4)
+        column = bare(QVBoxLayout(self.settings), spacing=4)
         for panel in (self.target_panel, self.views_panel, self.model_panel, self.settings_panel):
             column.addWidget(panel)
         column.addStretch(1)

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import QSpinBox, QVBoxLayout, QWidget
 from ...prepare import INITS, LEGACY_COUNT, FitInputs
 from .._layers import points_to_model
 from .._target_rules import offered_starts
-from .rows import FileRow, Row, combo, group
+from .rows import FileRow, Row, bare, combo, group
 from .target_panel import layer_info
 
 START_SCRATCH, START_CHECKPOINT, START_SWC, START_POINTS = (
@@ -64,8 +64,7 @@ class ModelPanel(QWidget):
         }
         for row in self._rows.values():
             form.addWidget(row)
-        column = QVBoxLayout(self)
-        column.setContentsMargins(0, 0, 0, 0)
+        column = bare(QVBoxLayout(self))
         column.addWidget(box)
         self.start_combo.currentTextChanged.connect(self._show_state)
         self.refresh_layers()

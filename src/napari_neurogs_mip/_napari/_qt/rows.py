@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -15,8 +17,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+BoxLayout = TypeVar("BoxLayout", QHBoxLayout, QVBoxLayout)
+
 LABEL_WIDTH = 110
 """Width of the captions, so that fields line up across panels and fit the default dock width."""
+
+
+def bare(layout: BoxLayout, spacing: int | None = None) -> BoxLayout:
+    """``layout`` without margins (it sits inside a row or panel that has them), with ``spacing`` pixels if given."""
+    layout.setContentsMargins(0, 0, 0, 0)
+    if spacing is not None:
+        layout.setSpacing(spacing)
+    return layout
 
 
 class Row(QWidget):
@@ -30,8 +42,7 @@ class Row(QWidget):
         self.caption.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Preferred)
         self.caption.setToolTip(tip or field.toolTip())
         self.field = field
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        layout = bare(QHBoxLayout(self))
         layout.addWidget(self.caption)
         layout.addWidget(field, 1)
 
@@ -46,8 +57,7 @@ class FileRow(QWidget):
         self.button = QPushButton("…")
         self.button.setFixedWidth(28)
         self.button.setToolTip(f"Choose: {caption}")
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        layout = bare(QHBoxLayout(self))
         layout.addWidget(self.edit, 1)
         layout.addWidget(self.button)
         self._caption, self._filter, self._save, self._folder = caption, file_filter, save, folder

@@ -10,7 +10,7 @@ from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QProgressBar, QPushButton, QV
 
 from .._loss_plot import LossPlot
 from .._session import FitState, FitStatus
-from .rows import info_label
+from .rows import bare, info_label
 
 
 class RunPanel(QWidget):
@@ -18,9 +18,7 @@ class RunPanel(QWidget):
 
     def __init__(self) -> None:
         super().__init__()
-        column = QVBoxLayout(self)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.setSpacing(3)
+        column = bare(QVBoxLayout(self), spacing=3)
         self.residual_check = QCheckBox("residual layers")
         self.residual_check.setToolTip("Also show rendered − target for each view (blue: too dark, orange: too bright)")
         self.snapshot_check = QCheckBox("Gaussians layer at the end")

@@ -22,7 +22,7 @@ from superqt import QCollapsible
 from ...device import available_devices
 from ...settings import SettingField, settings_of
 from ...train import DEFAULT_BUDGET, FitConfig
-from .rows import FileRow, Row, group
+from .rows import FileRow, Row, bare, group
 
 COMMON = ("iterations", "lr", "lambda_ssim", "device", "densify", "max_gaussians")
 """Settings shown without opening *Advanced* (the ones a first fit may want to change)."""
@@ -132,9 +132,7 @@ class SettingsPanel(QWidget):
         self.advanced = QCollapsible("Advanced")
         self.advanced.setToolTip("Every other fit setting, by group")
         inner = QWidget()
-        column = QVBoxLayout(inner)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.setSpacing(2)
+        column = bare(QVBoxLayout(inner), spacing=2)
         self.out_folder = FileRow("output folder", "", folder=True)
         self.out_folder.edit.setPlaceholderText("optional: checkpoints")
         self.out_folder.edit.setToolTip("Write checkpoint_iter{N}.pt every 'save every' steps and the final model here")
@@ -148,8 +146,7 @@ class SettingsPanel(QWidget):
                 column.addWidget(Row("output", self.out_folder))
         self.advanced.addWidget(inner)
         form.addWidget(self.advanced)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        layout = bare(QVBoxLayout(self))
         layout.addWidget(box)
         for other, _ in ENABLED_WHEN.values():
             self.controls[other].changed.connect(self._show_state)

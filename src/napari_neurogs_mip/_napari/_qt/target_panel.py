@@ -30,7 +30,7 @@ from .._axes import (
 )
 from .._layers import full_resolution, mip_pixel_sizes, mip_view_name, spacing_from_mips
 from .._target_rules import LayerInfo, mip_set, offered_targets
-from .rows import FileRow, Row, combo, group, info_label
+from .rows import FileRow, Row, bare, combo, group, info_label
 
 SOURCE_LAYER, SOURCE_TIFF = "Image layer", "TIFF file"
 TIFF_VOLUME, TIFF_MIPS = "volume", "MIP images"
@@ -61,9 +61,7 @@ class IndexPicker(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[int, Row] = {}
-        self._column = QVBoxLayout(self)
-        self._column.setContentsMargins(0, 0, 0, 0)
-        self._column.setSpacing(2)
+        self._column = bare(QVBoxLayout(self), spacing=2)
 
     def set_axes(self, axes: str, shape: tuple[int, ...], defaults: dict[int, int], auto: bool = False) -> None:
         """Rows for the non-spatial axes of ``axes``; with ``auto``, axes of one entry read ``auto`` (-1)."""
@@ -108,9 +106,7 @@ class TargetPanel(QWidget):
         self.mip_view_edit = QLineEdit("xy")
         self.mip_view_edit.setToolTip("The view this 2D layer shows: xy, xz, yz or AZ:EL")
         voxel = QWidget()
-        voxel_row = QHBoxLayout(voxel)
-        voxel_row.setContentsMargins(0, 0, 0, 0)
-        voxel_row.setSpacing(2)
+        voxel_row = bare(QHBoxLayout(voxel), spacing=2)
         self.voxel_spins = []
         for axis in "zyx":
             spin = QDoubleSpinBox()
@@ -140,8 +136,7 @@ class TargetPanel(QWidget):
             form.addWidget(row)
         self._layer_row, self._tiff_row, self._kind_row = layer_row, tiff_row, kind_row
         self._axes_row, self._view_row = axes_row, view_row
-        column = QVBoxLayout(self)
-        column.setContentsMargins(0, 0, 0, 0)
+        column = bare(QVBoxLayout(self))
         column.addWidget(box)
         self.source_combo.currentTextChanged.connect(self._retarget)
         self.layer_combo.currentTextChanged.connect(self._retarget)

@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QLine
 from ...frames import VolumeGeometry
 from ...prepare import VOLUME_VIEWS, FitInputs
 from ...views import AXIS_VIEWS, make_views, parse_view_specs
-from .rows import Row, combo, group, info_label
+from .rows import Row, bare, combo, group, info_label
 
 RES_NATIVE, RES_FACTOR, RES_SHAPE = "native", "downsample factor", "H x W"
 _NAME_GEOMETRY = VolumeGeometry((2, 2, 2), (1.0, 1.0, 1.0))
@@ -39,8 +39,7 @@ class ViewsPanel(QWidget):
             "than the axis MIPs alone. Untick to choose the views."
         )
         axes = QWidget()
-        axes_row = QHBoxLayout(axes)
-        axes_row.setContentsMargins(0, 0, 0, 0)
+        axes_row = bare(QHBoxLayout(axes))
         self.axis_checks = {}
         for name in AXIS_VIEWS:
             check = QCheckBox(name)
@@ -63,8 +62,7 @@ class ViewsPanel(QWidget):
         self.factor_spin.setValue(2.0)
         self.factor_spin.setToolTip("Downsampling factor (area averaging)")
         shape = QWidget()
-        shape_row = QHBoxLayout(shape)
-        shape_row.setContentsMargins(0, 0, 0, 0)
+        shape_row = bare(QHBoxLayout(shape))
         self.height_spin, self.width_spin = QSpinBox(), QSpinBox()
         for spin, what in ((self.height_spin, "Height"), (self.width_spin, "Width")):
             spin.setRange(1, 100_000)
@@ -83,8 +81,7 @@ class ViewsPanel(QWidget):
             self.info, Row("resolution", self.resolution_combo), self._factor_row, self._shape_row,
         ):  # fmt: skip
             form.addWidget(row)
-        column = QVBoxLayout(self)
-        column.setContentsMargins(0, 0, 0, 0)
+        column = bare(QVBoxLayout(self))
         column.addWidget(box)
         self.default_views_check.toggled.connect(self._show_state)
         self.resolution_combo.currentTextChanged.connect(self._show_state)
