@@ -291,18 +291,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     info = commands.add_parser("info", help="describe a checkpoint or TIFF file", **kinds)
     info.add_argument("path")
     _add_selection_flags(info)
-    blocks_command.add_fit_blocks_parser(commands, _HelpFormatter)
-    return parser, {"fit": fit, "render": render, "eval": evaluate, "info": info}
+    fit_blocks = blocks_command.add_fit_blocks_parser(commands, _HelpFormatter)
+    return parser, {"fit": fit, "render": render, "eval": evaluate, "info": info, "fit-blocks": fit_blocks}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "fit" and args.config:
-        settings = _read_config(Path(args.config), commands["fit"])
+    if args.command in ("fit", "fit-blocks") and args.config:
+        command = commands[args.command]
+        settings = _read_config(Path(args.config), command)
         # Settings from the file become defaults, so flags given on the command line win.
-        first, default_views = args, commands["fit"].get_default("num_views")
-        commands["fit"].set_defaults(**settings)
+        first, default_views = args, command.get_default("num_views")
+        command.set_defaults(**settings)
         args = parser.parse_args(argv)
         # Flags that exclude or override each other: the command line's choice replaces the file's.
         if first.resolution is not None or first.downsample is not None:
@@ -357,6 +358,9 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
         items = list(value) if isinstance(value, (list, tuple)) else [value] * action.nargs
         if len(items) != action.nargs:
             raise ValueError(f"{where} needs {action.nargs} values (or one for all), got {value!r}")
+        return [_config_scalar(action, item, where) for item in items]
+    if action.nargs == "+":  # fit-blocks' --block: one value or several
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
         return [_config_scalar(action, item, where) for item in items]
     if action.dest in ("views", "eval_views"):
         from .views import parse_view_specs

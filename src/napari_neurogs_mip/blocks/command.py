@@ -29,8 +29,10 @@ def add_fit_blocks_parser(subparsers: Any, formatter_class: type[argparse.HelpFo
         description="Fit an OME-Zarr or TIFF volume block by block on a dask cluster and merge the blocks into one "
         "model of the whole volume. Running the same command again takes an interrupted run up where it stopped.",
     )  # fmt: skip
+    parser.add_argument(*spell("--config"), help="YAML file of settings (keys = flag names with underscores), "
+                        "checked like the flags; flags on the command line win")  # fmt: skip
     source = parser.add_argument_group("volume")
-    source.add_argument(*spell("--target"), required=True, help="OME-Zarr folder or TIFF file (read lazily)")
+    source.add_argument(*spell("--target"), help="OME-Zarr folder or TIFF file (read lazily); required")
     source.add_argument(*spell("--level"), type=cli._non_negative_int, default=0,
                         help="multiscale level of an OME-Zarr or pyramidal TIFF (0 = full resolution)")  # fmt: skip
     cli._add_selection_flags(source)
@@ -62,7 +64,7 @@ def add_fit_blocks_parser(subparsers: Any, formatter_class: type[argparse.HelpFo
                         help="local workers as processes (--no-processes: threads of this process, no memory "
                         "limit)")  # fmt: skip
     cli._add_config_flags(parser)
-    parser.add_argument(*spell("--out"), required=True, help="run folder (blocks, merged model, MIPs)")
+    parser.add_argument(*spell("--out"), help="run folder (blocks, merged model, MIPs); required")
     parser.add_argument(*spell("--overwrite"), action="store_true",
                         help="delete an earlier run in --out and start again (otherwise it is taken up again)")  # fmt: skip
     return parser
@@ -102,6 +104,9 @@ def _run(args: argparse.Namespace) -> int:
     from .engine import ClusterSpec
     from .run import fit_blocks
 
+    for flag in ("target", "out"):  # not argparse's required: a --config file may give them
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (on the command line, or as {flag}: in --config)")
     if args.resolution:
         raise ValueError(
             "--resolution H W gives every view one size, but blocks differ in size: use --downsample FACTOR"
@@ -142,8 +147,5 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         for progress in bars.values():
             progress.close()
-    print(
-        f"{len(result.fitted)} blocks fitted now, {len(result.done_before)} before, {len(result.empty)} skipped "
-        f"(no structure) in {result.seconds:.1f} s; merged model: {result.checkpoint}"
-    )
+    print(result.summary())
     return 0

@@ -9,10 +9,14 @@ tile's pixels are exactly those of a render of the whole view.  Views up to
 :data:`LARGE_MIP_PIXELS` are written as one ImageJ TIFF each
 (:func:`.io.tiff.write_mips`); larger ones as OME-Zarr images filled tile by
 tile (:func:`.io.lazy.write_ome_zarr`), never whole in memory.
+:func:`render_footprint` renders a part of a model (a block's Gaussians) only
+where it reaches: the napari widget max-composites the blocks' MIPs with it as
+they finish.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,8 +43,9 @@ def tile_view(view: View, rows: tuple[int, int], cols: tuple[int, int]) -> View:
                 view.azimuth, view.elevation)  # fmt: skip
 
 
-def near_tile(model: GaussianModel, view: View, eps: float) -> GaussianModel | None:
-    """The Gaussians of a physical-frame ``model`` that can reach a pixel of ``view`` (``None``: none can).
+def _projected(model: GaussianModel, view: View, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected centres (column, row; pixels) of a physical-frame ``model``'s Gaussians in ``view``, and the
+    distance in pixels beyond which each reaches no pixel centre.
 
     A Gaussian reaches pixels within ``CUTOFF_SIGMA`` of its projected centre, in its projected standard
     deviation with the pixel filter ``eps`` (px^2) added; its largest 3D scale bounds the former.
@@ -50,7 +55,12 @@ def near_tile(model: GaussianModel, view: View, eps: float) -> GaussianModel | N
     col = offsets @ torch.as_tensor(view.u, dtype=torch.float64) / view.du
     row = offsets @ torch.as_tensor(view.v, dtype=torch.float64) / view.dv
     sigma = torch.exp(model.log_scales.detach().double().amax(dim=1))
-    reach = CUTOFF_SIGMA * torch.sqrt((sigma / min(view.du, view.dv)) ** 2 + eps) + 1.0
+    return col, row, CUTOFF_SIGMA * torch.sqrt((sigma / min(view.du, view.dv)) ** 2 + eps) + 1.0
+
+
+def near_tile(model: GaussianModel, view: View, eps: float) -> GaussianModel | None:
+    """The Gaussians of a physical-frame ``model`` that can reach a pixel of ``view`` (``None``: none can)."""
+    col, row, reach = _projected(model, view, eps)
     inside = (col + reach >= -0.5) & (col - reach <= view.width - 0.5)
     inside &= (row + reach >= -0.5) & (row - reach <= view.height - 0.5)
     if not bool(inside.any()):
@@ -83,6 +93,47 @@ def render_view(model: GaussianModel, view: View, renderer: Any, out: Any = None
                 image = renderer.render(near.to(device), [part])[0].cpu().numpy()
         out[rows[0] : rows[1], cols[0] : cols[1]] = image
     return out
+
+
+def footprint(model: GaussianModel, view: View, eps: float) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Row and column ranges of the pixels of ``view`` that a Gaussian of a physical-frame ``model`` can reach
+    (:func:`near_tile`'s rule); ``None`` when none can."""
+    if model.num_gaussians == 0:
+        return None
+    col, row, reach = _projected(model, view, eps)
+    ranges = []
+    for centre, size in ((row, view.height), (col, view.width)):
+        first = max(0, math.floor(float((centre - reach).min()) - 0.5))
+        stop = min(size, math.ceil(float((centre + reach).max()) + 0.5) + 1)
+        if first >= stop:
+            return None
+        ranges.append((first, stop))
+    return ranges[0], ranges[1]
+
+
+def render_footprint(
+    model: GaussianModel, view: View, renderer: Any
+) -> tuple[tuple[int, int], tuple[int, int], np.ndarray] | None:
+    """The MIP of a physical-frame ``model`` in ``view`` where it can be non-zero: ``(rows, cols, image)``, the
+    pixels of a render of the whole view in those ranges (zero elsewhere); ``None`` when it reaches no pixel.
+
+    A part of a large model (one block's Gaussians) costs a render of its own size, not the whole view's; the
+    hard MIP of the whole model is the pixel-wise maximum of its parts' (docs/blocks.md).
+    """
+    box = footprint(model, view, renderer.eps)
+    if box is None:
+        return None
+    rows, cols = box
+    return rows, cols, render_view(model, tile_view(view, rows, cols), renderer)
+
+
+def model_renderer(config: Any) -> Any:
+    """The renderer of a run's :class:`.train.FitConfig`: its device, backend, mode, beta and pixel filter."""
+    from ..device import resolve_device
+    from ..render import Renderer
+
+    device, _ = resolve_device(config.device)
+    return Renderer.create(device, config.backend, config.mode, config.beta, config.eps, config.compensate)
 
 
 def image_axes(view: View) -> tuple[str, str]:

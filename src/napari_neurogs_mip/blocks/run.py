@@ -86,6 +86,8 @@ class BlockFitResult:
         Block names fitted by this run, finished by an earlier one, and skipped for want of structure.
     records
         Every finished block's record, by name.
+    views
+        The views of the merged model, made on the whole volume (what ``mips/`` holds).
     low, high
         The shared normalisation (raw intensities mapped to 0 and 1).
     seconds
@@ -101,9 +103,17 @@ class BlockFitResult:
     done_before: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    views: list[View] = field(default_factory=list)
     low: float = 0.0
     high: float = 1.0
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line: blocks fitted now, before and skipped, the time and the merged model."""
+        return (
+            f"{len(self.fitted)} blocks fitted now, {len(self.done_before)} before, {len(self.empty)} skipped "
+            f"(no structure) in {self.seconds:.1f} s; merged model: {self.checkpoint}"
+        )
 
 
 @dataclass
@@ -144,6 +154,7 @@ def fit_blocks(
     cluster: ClusterSpec | Any | None = None,
     overwrite: bool = False,
     on_survey: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[BlockFitResult, list[Block]], None] | None = None,
     on_block: Callable[[dict[str, Any], int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> BlockFitResult:
@@ -175,9 +186,11 @@ def fit_blocks(
         (e.g. :func:`.engine.slurm_cluster`'s), used as it is.
     overwrite
         Delete an earlier run's results in ``out`` instead of taking it up again or refusing it.
-    on_survey, on_block
-        Progress callbacks: ``on_survey(done, total)`` per chunk of the survey, ``on_block(record, done, total)``
-        per block finished in this run.  An exception raised there stops the run (finished blocks are kept).
+    on_survey, on_plan, on_block
+        Progress callbacks: ``on_survey(done, total)`` per chunk of the survey; ``on_plan(result, pending)`` once
+        the plan is made (``result`` holds the blocks, those finished before with their records, those skipped and
+        the views; ``pending`` the blocks this run fits); ``on_block(record, done, total)`` per block finished in
+        this run.  An exception raised there stops the run (finished blocks are kept).
     log
         Where messages go.
 
@@ -211,6 +224,9 @@ def fit_blocks(
         with _client(cluster, log) as client:
             run = _plan(out, source, client, block, halo_voxels(halo, spacing), cell_voxels(cell, spacing), settings,
                         on_survey, log)  # fmt: skip
+            run.result.views = views
+            if on_plan is not None:
+                on_plan(run.result, list(run.pending))
             _fit_pending(client, run, on_block)
         _merge_and_write(run, views, log)
     run.result.seconds = time.perf_counter() - started
@@ -386,10 +402,8 @@ def _log_plan(run: _Run, rule: ForegroundRule, cells: np.ndarray, client: Any, l
 
 def _merge_and_write(run: _Run, views: list[View], log: Callable[[str], None]) -> None:
     """Merge the finished blocks, write the model, its MIPs and the volume's axis MIPs."""
-    from ..device import resolve_device
-    from ..render import Renderer
     from .merge import merge_blocks, save_merged
-    from .mips import axis_views, write_images, write_model_mips
+    from .mips import axis_views, model_renderer, write_images, write_model_mips
 
     result, settings, source = run.result, run.settings, run.source
     geometry = source.geometry
@@ -414,10 +428,7 @@ def _merge_and_write(run: _Run, views: list[View], log: Callable[[str], None]) -
     }  # fmt: skip
     save_merged(result.checkpoint, model, settings, views, view_lows, summary)
     log(f"merged {len(fitted)} blocks: {model.num_gaussians:,} Gaussians in {result.checkpoint}")
-    config = settings.config
-    device, _ = resolve_device(config.device)
-    renderer = Renderer.create(device, config.backend, config.mode, config.beta, config.eps, config.compensate)
-    result.mips = write_model_mips(model, views, result.out / run_folder.MIPS_DIR, renderer)
+    result.mips = write_model_mips(model, views, result.out / run_folder.MIPS_DIR, model_renderer(settings.config))
     result.target_mips = write_images(run.survey.mips, axis_views(geometry), result.out / run_folder.TARGET_MIPS_DIR)
     log(f"MIPs of the model: {', '.join(str(p) for p in result.mips)}")
     log(f"axis MIPs of the volume (raw): {', '.join(str(p) for p in result.target_mips)}")
