@@ -58,6 +58,9 @@ class FitInputs:
     targets (a check of the renderer and trainer); without a target and without
     it, a checkpoint alone is an error rather than a silent change of task.
 
+    ``normalization``, when given, replaces the rule named by ``normalize``
+    (e.g. a block's: fixed to the whole volume's range).
+
     ``device`` is where the fit will train (``auto``: as the trainer resolves
     it): :func:`prepare_fit` checks the fit's memory against it (see
     :mod:`.preflight`) before it builds targets or a model.
@@ -66,6 +69,7 @@ class FitInputs:
     view_specs: list[str] | None = None
     resolution: Resolution = None
     normalize: str = "background"
+    normalization: Normalization | None = None
     sample: bool = False
     target: str | None = None
     target_mips: str | None = None
@@ -144,7 +148,7 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
 
     notes: list[str] = []
     field_peak = 1.0
-    normalization = Normalization(inputs.normalize)
+    normalization = inputs.normalization or Normalization(inputs.normalize)
     if inputs.init not in INITS:
         raise ValueError(f"unknown init {inputs.init!r}; expected one of {INITS}")
     budget = inputs.max_gaussians or DEFAULT_BUDGET["cpu"]

@@ -72,7 +72,7 @@ class BlockSettings:
         The rule with the whole volume's ``low`` and ``high`` (``fixed``), and whether each view's background
         is subtracted.
     rule
-        The rule's name as the user gave it (``background``, ...), for ``prepare_fit``'s checks.
+        The rule's name as the user gave it (``background``, ...), recorded in the blocks' metadata.
     num_gaussians
         Initial Gaussians per block (``None``: one per foreground cell of the block).
     config
@@ -147,7 +147,6 @@ def fit_block(task: BlockTask) -> dict[str, Any]:
 
     from ..initial_model import init_from_volume
     from ..prepare import FitInputs, prepare_fit
-    from ..targets import targets_for_views
     from ..train import DEFAULT_BUDGET, FinishedEvent, Trainer
 
     block, settings = task.block, task.settings
@@ -177,11 +176,10 @@ def fit_block(task: BlockTask) -> dict[str, Any]:
     try:
         prepared = prepare_fit(FitInputs(
             volume=volume, voxel_size=spacing, view_specs=list(settings.view_specs), resolution=settings.downsample,
-            normalize=settings.rule, model=start, max_gaussians=config.max_gaussians, device=config.device,
-            seed=config.seed,
+            normalization=normalization, model=start, max_gaussians=config.max_gaussians,
+            device=config.device, seed=config.seed,
         ))  # fmt: skip
-        # The same views, normalised with the whole volume's range (see the module docstring).
-        targets = targets_for_views(prepared.volume, local, prepared.targets.views, normalization)
+        targets = prepared.targets  # normalised with the whole volume's range (see the module docstring)
         prepare_seconds = time.perf_counter() - started - read_seconds
         trainer = Trainer(prepared.model, targets, config)
         final = next(e for e in trainer.run() if isinstance(e, FinishedEvent))
