@@ -1,10 +1,12 @@
-"""napari front-end: readers, writers, sample data, the fit session and the *Fit MIP* dock widget.
+"""napari front-end: readers, writers, sample data, the fit sessions and the *Fit MIP* and *Fit blocks* widgets.
 
 Everything napari-specific lives here; the computation is in the core package.
 Without Qt (tested without a viewer):
 
 * :mod:`._session` holds a fit (state enum, trainer, latest step and images,
   psygnal events); :mod:`._fit_events` is the generator a worker runs;
+  :mod:`._block_session` holds a block-wise fit (progress over blocks, the
+  merged MIPs so far);
 * :mod:`._layers` converts between napari layers and core objects (the only
   place where the core's (x, y, z) order meets napari's (z, y, x));
 * domain rules beside it: :mod:`._axes` (which axis of a layer is which, the
