@@ -12,6 +12,11 @@ S1     128 x 128 each                           torch, cpu, dense (if any)
 S2     native: 647 x 813, 100 x 813, 100 x 647  torch, cpu
 =====  =======================================  ==========================
 
+The soft MIP uses the renderer's default ``beta`` (what a fit uses; ``--beta``
+to change it, e.g. 50, the seed's value this benchmark used before) and the
+cpu kernels' early termination (``--early-termination off`` measures them
+without it: ``raster_cpu.EARLY_TERMINATION = False``).
+
 A training step is what ``Trainer.step`` does, with the backend's two stages
 (``Renderer.create(...).stages``: for ``cpu`` the numba projection and
 rasteriser, for ``torch`` the PyTorch references) and the PyTorch thread count
@@ -32,18 +37,35 @@ while a row was measured (from ``/proc/stat``): rows with more than a few
 percent are not trustworthy on a small machine.
 Forward/backward ms time the rasteriser alone on a precomputed projection.
 The dense O(H W K) baseline (``benchmarks/dense.py``, when present) takes about
-a minute per S1 step on 2 cores, so it gets one round of one call each (the
-whole script then runs ~8 minutes on 2 cores; ``--backends torch,cpu`` ~3).
+a minute per S1 step on 2 cores, so it is left out unless ``--backends`` names it
+(then one round of one call each; the script then runs ~8 minutes on 2 cores,
+the default ~3, with a progress line per backend and scenario).  The header
+names the CPU and the SIMD width the numba kernels are compiled for
+(``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` override the host, e.g.
+``NUMBA_CPU_NAME=haswell`` with AVX-512 features removed emulates an AVX2 laptop).
 For the ``cpu`` backend the child also reports its first call (the float32
 rasteriser, forward and backward, loaded from numba's on-disk cache, or compiled
 if the cache is cold); ``--cold`` adds a run with an empty cache directory to
 measure the full JIT compile.
 
+``--psnr-fit`` instead fits the built-in sample (``prepare_fit(FitInputs(sample=True))``
+and ``Trainer`` with ``FitConfig(backend="cpu")``, the CLI's defaults) with early
+termination on and off, alternating, each run in its own process, and prints the
+training time (steps only; scoring every ``--psnr-every`` steps is not counted)
+until the lowest PSNR over the training views reaches 30 and 33 dB.
+``--asm`` prints, per hot kernel, how many instructions of its machine code work
+on vector registers (ymm / zmm) and how many are scalar float operations, from a
+fresh compile.
+
 Usage::
 
-    python benchmarks/bench_cpu.py                       # S1 and S2, torch vs cpu (+ dense at S1)
+    python benchmarks/bench_cpu.py                       # S1 and S2, torch vs cpu
     python benchmarks/bench_cpu.py --scenarios S1 --rounds 5 --cold
+    python benchmarks/bench_cpu.py --backends torch,cpu,dense --scenarios S1   # + the dense baseline
+    python benchmarks/bench_cpu.py --beta 50 --early-termination off   # the seed's beta, no early termination
     python benchmarks/bench_cpu.py --torch-threads 1          # PyTorch single-threaded, kernels on all CPUs
+    python benchmarks/bench_cpu.py --psnr-fit --rounds 2       # time to 30 / 33 dB on the sample, ET on vs off
+    python benchmarks/bench_cpu.py --asm                  # what vectorises in the hot kernels
     python benchmarks/bench_cpu.py --smoke               # tiny scenes: checks the script only
 """
 
@@ -62,7 +84,7 @@ import time
 
 from bench_scenes import NUM_GAUSSIANS, VOLUME_ZYX, Scenario, perturbed, random_gaussians
 
-MODE, BETA, LAMBDA_SSIM, LR, GRAD_CLIP = "soft", 50.0, 0.1, 1e-3, 1.0
+MODE, LAMBDA_SSIM, LR, GRAD_CLIP = "soft", 0.1, 1e-3, 1.0
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -83,7 +105,15 @@ SINGLE_SHOT = ("dense",)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--scenarios", default="S1,S2", help="comma list of S1, S2")
-    parser.add_argument("--backends", default="torch,cpu,dense", help="comma list of torch, cpu, dense")
+    parser.add_argument("--backends", default="torch,cpu", help="comma list of torch, cpu, dense")
+    parser.add_argument("--beta", type=float, default=None, help="soft-MIP beta (default: the renderer's)")
+    parser.add_argument(
+        "--early-termination", choices=("on", "off"), default="on", help="cpu kernels' early termination"
+    )
+    parser.add_argument("--psnr-fit", action="store_true", help="time to 30 / 33 dB on the sample, ET on vs off")
+    parser.add_argument("--psnr-every", type=int, default=10, help="steps between PSNR checks (--psnr-fit)")
+    parser.add_argument("--psnr-iterations", type=int, default=1000, help="most steps of a --psnr-fit run")
+    parser.add_argument("--asm", action="store_true", help="count vector instructions in the hot kernels")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per backend (best and median shown)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per round (default per backend)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads in the children")
@@ -94,7 +124,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny scenes, one short round: checks the script")
     parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--psnr-child", choices=("on", "off"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def simd_description() -> str:
+    """The CPU and the vector width the numba kernels are compiled for (host, or NUMBA_CPU_NAME / _FEATURES)."""
+    try:
+        import llvmlite.binding as llvm
+        from numba.core import config
+    except ImportError:
+        return "numba unavailable"
+    name = config.CPU_NAME or llvm.get_host_cpu_name()
+    if config.CPU_FEATURES is not None:
+        features = {f[1:]: f[0] == "+" for f in config.CPU_FEATURES.split(",") if f}
+    else:
+        features = dict(llvm.get_host_cpu_features())
+    if features.get("avx512f"):
+        width = "AVX-512: 16 float32 lanes"
+    elif features.get("avx2"):
+        width = "AVX2: 8 float32 lanes"
+    elif features.get("neon") or "arm" in name or "apple" in name:
+        width = "NEON: 4 float32 lanes"
+    else:
+        width = "SSE: 4 float32 lanes"
+    fma = ", FMA" if features.get("fma") else ""
+    source = " (from NUMBA_CPU_NAME/NUMBA_CPU_FEATURES)" if config.CPU_NAME or config.CPU_FEATURES else ""
+    return f"numba target {name}{source}: {width}{fma}"
 
 
 # --------------------------------------------------------------------------- child process
@@ -154,10 +213,12 @@ def run_child(args: argparse.Namespace) -> dict:
     from napari_neurogs_mip.frames import VolumeGeometry
     from napari_neurogs_mip.losses import LossWeights, mip_loss
     from napari_neurogs_mip.model import GaussianModel
-    from napari_neurogs_mip.render import DEFAULT_EPS, Renderer, Stages
+    from napari_neurogs_mip.render import DEFAULT_BETA, DEFAULT_EPS, Renderer, Stages, raster_cpu
     from napari_neurogs_mip.render.project import Projection, project_model
     from napari_neurogs_mip.views import make_views
 
+    beta = args.beta or DEFAULT_BETA
+    raster_cpu.EARLY_TERMINATION = args.early_termination == "on"
     name, backend = args.child
     scenario = (SMOKE if args.smoke else SCENARIOS)[name]
     result: dict = {"scenario": name, "backend": backend}
@@ -171,7 +232,7 @@ def run_child(args: argparse.Namespace) -> dict:
         stages = Stages(project_model, render_dense)
     else:
         # The stages, and the PyTorch threads, of a fit with ``--backend torch`` or ``--backend cpu``.
-        renderer = Renderer.create("cpu", backend, MODE, BETA)
+        renderer = Renderer.create("cpu", backend, MODE, beta)
         stages = renderer.stages
         if renderer.torch_threads and not args.torch_threads:
             torch.set_num_threads(renderer.torch_threads)  # what ``Trainer.step`` does around each step
@@ -194,10 +255,10 @@ def run_child(args: argparse.Namespace) -> dict:
         leaf = projection_of({n: v.detach() for n, v in start.items()})
         leaf = Projection(*(t.requires_grad_(True) for t in (leaf.means2d, leaf.conics, leaf.amplitudes)),
                           leaf.rects, leaf.shapes)  # fmt: skip
-        sum(image.sum() for image in rasterize(leaf, MODE, BETA)).backward()
+        sum(image.sum() for image in rasterize(leaf, MODE, beta)).backward()
         first_call_s = time.perf_counter() - begin
     with torch.no_grad():
-        targets = [image.clamp(0, 1) for image in rasterize(projection_of(truth), MODE, BETA)]
+        targets = [image.clamp(0, 1) for image in rasterize(projection_of(truth), MODE, beta)]
 
     longest = float(max(geometry.extent_xyz))
     optimizer = torch.optim.Adam([
@@ -212,7 +273,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        images = rasterize(stages.project(model, views, DEFAULT_EPS, False), MODE, BETA)
+        images = rasterize(stages.project(model, views, DEFAULT_EPS, False), MODE, beta)
         loss, _ = mip_loss(images, targets, weights)  # as ``Trainer.step``
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP)
@@ -240,7 +301,7 @@ def run_child(args: argparse.Namespace) -> dict:
         spent, count, begin = [0.0, 0.0], 0, time.perf_counter()
         while True:
             tick = time.perf_counter()
-            images = rasterize(leaf, MODE, BETA)
+            images = rasterize(leaf, MODE, beta)
             tock = time.perf_counter()
             torch.autograd.backward(images, grads)
             spent[0] += tock - tick
@@ -253,6 +314,7 @@ def run_child(args: argparse.Namespace) -> dict:
     result.update(
         steps_per_s_best=1 / min(step_s),
         steps_per_s_median=1 / statistics.median(step_s),
+        steps_per_s_worst=1 / max(step_s),
         forward_ms=1e3 * min(forward_s),
         backward_ms=1e3 * min(backward_s),
         peak_mib=peak_rss_mib() - baseline if resettable else math.nan,
@@ -279,6 +341,108 @@ def cold_first_call(args: argparse.Namespace) -> float:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- time to PSNR on the sample
+
+PSNR_LEVELS = (30.0, 33.0)
+
+
+def psnr_fit(early: bool, every: int, iterations: int) -> dict:
+    """Fit the built-in sample with the CLI's defaults and the cpu backend; training seconds (steps only) and
+    steps until the lowest PSNR over the training views reaches each of :data:`PSNR_LEVELS`."""
+    from napari_neurogs_mip.prepare import FitInputs, prepare_fit
+    from napari_neurogs_mip.render import raster_cpu
+    from napari_neurogs_mip.train import FitConfig, Trainer
+
+    raster_cpu.EARLY_TERMINATION = early
+    prepared = prepare_fit(FitInputs(sample=True))
+    trainer = Trainer(prepared.model, prepared.targets, FitConfig(backend="cpu", device="cpu", iterations=iterations))
+    trainer.warm_up()
+    reached: dict[str, tuple[float, int] | None] = {f"{level:g}": None for level in PSNR_LEVELS}
+    trained, history = 0.0, []
+    for step in range(1, iterations + 1):
+        begin = time.perf_counter()
+        trainer.step()
+        trained += time.perf_counter() - begin
+        if step % every and step != iterations:
+            continue
+        worst = min(scores["psnr"] for name, scores in trainer.metrics().items()
+                    if name in {view.name for view in prepared.targets.views})  # fmt: skip
+        history.append((step, round(trained, 3), round(worst, 2)))
+        for level in PSNR_LEVELS:
+            if reached[f"{level:g}"] is None and worst >= level:
+                reached[f"{level:g}"] = (trained, step)
+        if all(value is not None for value in reached.values()):
+            break
+    return {"early": early, "reached": reached, "history": history, "gaussians": int(trainer.model.means.shape[0])}
+
+
+def run_psnr_fits(args: argparse.Namespace) -> int:
+    """``--psnr-fit``: early termination on and off, alternating, ``--rounds`` times each."""
+    print(simd_description())
+    print(f"time to {' / '.join(f'{level:g}' for level in PSNR_LEVELS)} dB (lowest PSNR over the training views) on "
+          f"the sample, cpu backend, CLI defaults; PSNR scored every {args.psnr_every} steps (not timed)", flush=True)  # fmt: skip
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for round_index in range(args.rounds):
+        for setting in ("on", "off"):
+            print(f"[{round_index + 1}/{args.rounds}] early termination {setting} ...", flush=True)
+            command = [sys.executable, os.path.abspath(__file__), "--psnr-child", setting,
+                       "--psnr-every", str(args.psnr_every), "--psnr-iterations", str(args.psnr_iterations)]  # fmt: skip
+            done, foreign = run_measured(command)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                print(f"FAILED\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                continue
+            result = json.loads(lines[-1][len("RESULT ") :])
+            runs[setting].append(result)
+            cells = [f"{level} dB: " + (f"{value[0]:.1f} s ({value[1]} steps)" if value else "not reached")
+                     for level, value in result["reached"].items()]  # fmt: skip
+            print(f"    {', '.join(cells)}; others {foreign:.0%}", flush=True)
+    for level in (f"{level:g}" for level in PSNR_LEVELS):
+        times = {
+            setting: [r["reached"][level][0] for r in found if r["reached"][level]] for setting, found in runs.items()
+        }
+        if times["on"] and times["off"]:
+            print(f"{level} dB: on {min(times['on']):.1f}-{max(times['on']):.1f} s, off {min(times['off']):.1f}-"
+                  f"{max(times['off']):.1f} s, ratio of medians {statistics.median(times['off']) / statistics.median(times['on']):.2f}")  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------- vectorisation
+
+
+def print_vector_instructions() -> None:
+    """Compile the hot kernels afresh (float32) and count, per kernel, the instructions of its machine code on
+    vector registers (ymm / zmm: packed) and the scalar float ones (``...ss`` / ``...sd``)."""
+    code = (
+        "import re, torch\n"
+        "from napari_neurogs_mip import ssim_cpu\n"
+        "from napari_neurogs_mip.losses import ssim\n"
+        "from napari_neurogs_mip.render import raster_cpu, project_cpu\n"
+        "from napari_neurogs_mip.render.project import Projection\n"
+        "for mode in ('soft', 'max'):\n"
+        "    p = Projection(torch.tensor([[[3.0, 4.0]]], requires_grad=True), torch.tensor([[[0.5, 0.1, 0.5]]]),\n"
+        "                   torch.tensor([[0.7]]), torch.tensor([[[0, 0, 7, 7]]], dtype=torch.int32), [(20, 20)])\n"
+        "    sum(i.sum() for i in raster_cpu.rasterize(p, mode, 50.0)).backward()\n"
+        "x = torch.rand(20, 20, requires_grad=True)\n"
+        "ssim(x, torch.rand(20, 20)).backward()\n"
+        "kernels = [(raster_cpu, '_forward'), (raster_cpu, '_backward'), (ssim_cpu, '_blur_rows'),\n"
+        "           (ssim_cpu, '_ssim_rows'), (ssim_cpu, '_gradient_rows')]\n"
+        "for module, name in kernels:\n"
+        "    for signature, asm in getattr(module, name).inspect_asm().items():\n"
+        "        if 'float32' not in str(signature) and module is raster_cpu:\n"
+        "            continue\n"
+        "        lines = [l for l in asm.splitlines() if l.startswith('\\t') and not l.startswith('\\t.')]\n"
+        "        packed = sum(bool(re.search(r'[yz]mm', l)) for l in lines)\n"
+        "        scalar = sum(bool(re.match(r'\\tv?\\w+s[sd]\\t', l)) for l in lines)\n"
+        "        print(f'{module.__name__.rsplit(\".\", 1)[-1]}.{name}: {len(lines)} instructions, {packed} on ymm/zmm, '\n"
+        "              f'{scalar} scalar float')\n"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    print(done.stdout.strip() or done.stderr[-3000:])
 
 
 # --------------------------------------------------------------------------- parent
@@ -324,7 +488,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("RESULT " + json.dumps(run_child(args)))
         return 0
+    if args.psnr_child:
+        print("RESULT " + json.dumps(psnr_fit(args.psnr_child == "on", args.psnr_every, args.psnr_iterations)))
+        return 0
+    if args.asm:
+        print(simd_description())
+        print_vector_instructions()
+        return 0
+    if args.psnr_fit:
+        return run_psnr_fits(args)
     import torch
+
+    from napari_neurogs_mip.render import DEFAULT_BETA
 
     table = SMOKE if args.smoke else SCENARIOS
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
@@ -336,23 +511,37 @@ def main(argv: list[str] | None = None) -> int:
     has_dense = os.path.exists(os.path.join(HERE, "dense.py"))
     print(f"bench_cpu: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
           f"{args.torch_threads or 'as a fit sets them (column thr)'}, kernel threads {args.kernel_threads or 'all CPUs'}")  # fmt: skip
-    print(f"mode {MODE}, beta {BETA}, loss mean over views of MSE + {LAMBDA_SSIM} (1 - SSIM), Adam + clip {GRAD_CLIP}")
+    print(simd_description())
+    print(f"mode {MODE}, beta {args.beta or DEFAULT_BETA}, cpu early termination {args.early_termination}, "
+          f"loss mean over views of MSE + {LAMBDA_SSIM} (1 - SSIM), Adam + clip {GRAD_CLIP}")  # fmt: skip
     print(f"cpu pressure before: {cpu_pressure()}")
     if not has_dense:
         print("dense baseline: benchmarks/dense.py not found, skipped")
-    passthrough = ["--rounds", str(args.rounds), "--seed", str(args.seed)]
+    passthrough = [
+        "--rounds",
+        str(args.rounds),
+        "--seed",
+        str(args.seed),
+        "--early-termination",
+        args.early_termination,
+    ]
     for flag, value in (("--seconds", args.seconds), ("--torch-threads", args.torch_threads),
-                        ("--kernel-threads", args.kernel_threads)):  # fmt: skip
+                        ("--kernel-threads", args.kernel_threads), ("--beta", args.beta)):  # fmt: skip
         if value:
             passthrough += [flag, str(value)]
     if args.smoke:
         passthrough.append("--smoke")
+    jobs = [(name, backend) for name in names for backend in table[name].backends
+            if backend in wanted and (backend != "dense" or has_dense)]  # fmt: skip
+    done_jobs = 0
     for name in names:
         scenario = table[name]
         results = {}
         for backend in scenario.backends:
-            if backend not in wanted or (backend == "dense" and not has_dense):
+            if (name, backend) not in jobs:
                 continue
+            done_jobs += 1
+            print(f"[{done_jobs}/{len(jobs)}] {name} {backend} ...", flush=True)
             command = [sys.executable, os.path.abspath(__file__), "--child", name, backend, *passthrough]
             done, foreign = run_measured(command)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -366,13 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(results.values()))
         shapes = ", ".join("x".join(map(str, shape)) for shape in first["views"])
         print(f"\n== {name}: K = {scenario.num_gaussians:,}, views {shapes}")
-        print(f"{'backend':<8} {'thr':>3} {'step it/s':>10} {'(median)':>9} {'fwd ms':>9} {'bwd ms':>9} {'peak MiB':>9} "
-              f"{'RSS MiB':>8} {'others':>7} {'loss first -> last':>22}")  # fmt: skip
+        print(f"{'backend':<8} {'thr':>3} {'step it/s':>10} {'(median)':>9} {'(worst)':>8} {'fwd ms':>9} {'bwd ms':>9} "
+              f"{'peak MiB':>9} {'RSS MiB':>8} {'others':>7} {'loss first -> last':>22}")  # fmt: skip
         for backend, r in results.items():
             loss0, loss1 = r["loss_first_last"]
-            print(f"{backend:<8} {r['torch_threads']:>3} {r['steps_per_s_best']:>10.2f} {r['steps_per_s_median']:>9.2f} {r['forward_ms']:>9.2f} "
-                  f"{r['backward_ms']:>9.2f} {r['peak_mib']:>9.1f} {r['process_peak_mib']:>8.0f} "
-                  f"{r['foreign']:>6.0%} {loss0:>10.5f} -> {loss1:.5f}")  # fmt: skip
+            print(f"{backend:<8} {r['torch_threads']:>3} {r['steps_per_s_best']:>10.2f} {r['steps_per_s_median']:>9.2f} "
+                  f"{r['steps_per_s_worst']:>8.2f} {r['forward_ms']:>9.2f} {r['backward_ms']:>9.2f} {r['peak_mib']:>9.1f} "
+                  f"{r['process_peak_mib']:>8.0f} {r['foreign']:>6.0%} {loss0:>10.5f} -> {loss1:.5f}", flush=True)  # fmt: skip
         if "cpu" in results:
             cpu = results["cpu"]
             for other in ("torch", "dense"):

@@ -100,6 +100,26 @@ if IMPORT_ERROR is None:
         return None
 
 
+def trailing_zeros(x):  # pragma: no cover - replaced by the intrinsic inside kernels
+    """Index of the lowest set bit of an integer (kernels only): a loop over a bit mask visits the set bits only."""
+    raise NotImplementedError
+
+
+if IMPORT_ERROR is None:
+    from llvmlite import ir
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def trailing_zeros(typingctx, x):
+        if not isinstance(x, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+        return x(x), codegen
+
+
 THREADS: int | None = None
 """Threads of the kernels; ``None``: the CPUs this process may use (independent of ``torch.get_num_threads()``)."""
 

@@ -25,6 +25,12 @@ from ..views import View
 CUTOFF_SIGMA = 3.0
 """Gaussians reach pixels within this many standard deviations (Mahalanobis, filtered)."""
 
+SOFT_SKIP_T = {torch.float32: 20.0, torch.float64: 40.0}
+"""Soft MIP, per dtype: backends may leave out a (Gaussian, pixel) pair whose value ``g`` is below the pixel's
+maximum ``m`` by more than ``T / beta`` (early termination, ``docs/math.md``): its softmax weight
+``exp(beta (g - m))`` is then below ``e^-T`` (2e-9 in float32, 4e-18 in float64: under 1/25 of the dtype's
+rounding unit), so the result moves by less than ``n e^-T m`` for ``n`` such pairs at a pixel."""
+
 DEFAULT_EPS = 0.3
 """Default pixel filter, px^2 added to the projected covariance (as the research code)."""
 

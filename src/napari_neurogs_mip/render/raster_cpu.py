@@ -1,63 +1,107 @@
-"""Fast CPU rasteriser: numba kernels, SIMD over 16-pixel rows, threads over tiles and Gaussians.
+"""Fast CPU rasteriser: numba kernels over amplitude-ordered tiles with early termination.
 
 Same math and cut-off as the reference (``raster_torch.py``): pixel ``p`` receives
 Gaussian ``k`` of a view when ``p`` lies in ``k``'s rectangle and
 ``q = A dx^2 + 2 B dx dy + C dy^2 <= CUTOFF_SIGMA^2``, evaluated in the same
 order and precision as the reference so both include the same pixels;
-``g = a exp(-q / 2)``.
+``g = a exp(-q / 2)``.  The hard MIP is exact; the soft MIP leaves out pairs
+whose softmax weight is below ``e^-T`` (``project.SOFT_SKIP_T``; the bound is in
+``docs/math.md``).
 
 Layout
-    Each view is processed in a *kernel layout*: rows of ``LANES`` (16) pixels
-    that LLVM vectorises (AVX2 / AVX-512).  A view whose footprints are mostly
-    taller than wide (e.g. ``xz`` at 128 x 128 of a 100 x 647 x 813 stack: 6.4 x
-    0.8 voxel pixels) is stored transposed, so that the long axis of the
-    footprints runs along the lanes.  Row strides are padded so that 16 lanes
-    starting at any pixel of a row stay in memory; lanes outside a footprint
-    are masked, never branched on.
-Forward
-    Gaussians are binned by (view, tile); each tile is rendered by one worker
-    (no atomics) in two passes over its Gaussians: (1) the per-pixel maximum
-    ``m`` in the log domain (``log a - q / 2``: no exponential), then (2)
-    ``S = sum exp(beta (g - m))`` and ``W = sum g exp(beta (g - m))``;
-    ``out = W / S``.  Knowing the maximum first removes the running rescale and
-    its unpredictable branch.  Hard MIP is pass (1) plus the index of the
-    maximising Gaussian.
-Backward
-    Workers over Gaussians: each (view, Gaussian) walks its own rectangle and
-    reads ``dL/dout``, ``out``, ``m`` and ``1 / S`` of its pixels, so every
-    gradient is written by exactly one worker (no atomics, deterministic).
+    Each view is processed in a *kernel layout*: rows of ``LANES`` (16) pixels,
+    the vector width of the lane loops, in tiles of ``TILE_ROWS`` x ``LANES``.
+    A view whose footprints are mostly taller than wide (e.g. ``xz`` at
+    128 x 128 of a 100 x 647 x 813 stack: 6.4 x 0.8 voxel pixels) is stored
+    transposed, so that the long axis of the footprints runs along the lanes.
+    Row strides are padded so that 16 lanes starting at any pixel of a row stay
+    in memory; lanes outside a footprint are masked, never branched on.
+Binning (``_bin``, serial)
+    The live (view, Gaussian) pairs are numbered in descending amplitude per
+    view (a counting sort of ``log a``, ``_amplitude_order``) and packed by
+    that number (``pair_values``, ``pair_ints``), then binned into the tiles
+    their *ellipse* ``q <= 9`` touches: a rectangle that spans several tiles
+    both ways skips the tiles the ellipse misses (``_lane_range``: the exact
+    lane extent of the ellipse over a band of rows, widened by a bound on the
+    float rounding of ``q``).  Each tile's list stays in amplitude order.
+Forward (workers over tiles)
+    Each tile copies its pairs next to each other, then (1) takes the
+    per-pixel maximum ``m`` in the log domain (``log a - q / 2``: no
+    exponential), stopping once the largest amplitude left cannot raise any
+    pixel of the tile (exact); then, soft MIP, (2) ``S = sum exp(beta (g - m))``
+    and ``W = sum g exp(beta (g - m))``, ``out = W / S``, over the pairs whose
+    ``log g`` reaches the pixel's *floor*, a lower bound of ``log(m - T / beta)``:
+    a cheap vector test per row (``q`` only) skips rows where no lane does,
+    the lanes taken are queued and their exponentials computed over the full
+    queue (every vector lane useful), and the tile stops at the first
+    amplitude below every floor.  It records, per (pair, tile), the rows it
+    took pixels in (soft) or where the pair is the arg-max (hard).
+Backward (workers over pairs)
+    Each pair visits only those rows (``trailing_zeros`` over a bit mask; the
+    rows of the tiles in one band of rows are merged, and each row is walked in
+    windows from the pair's first lane, so a row across two tiles costs one
+    window), tests each lane as the forward did and reads ``dL/dout``, ``out``,
+    ``m``, ``1 / S`` and the floor there, so every gradient is written by
+    exactly one worker (no atomics, deterministic).
     ``d out / d g = s (1 + beta (g - out))`` with ``s = exp(beta (g - m)) / S``.
 
-Exponentials are ``numba_runtime.exp``: inline polynomials that vectorise.
-Memory is O(pixels + (Gaussian, tile) intersections); nothing is stored per
-(pixel, Gaussian) pair.  A culled pair's rectangle is empty, so every loop over
-it is empty too.
+Vectorisation (``benchmarks/bench_cpu.py --asm`` counts vector instructions per
+kernel): the lane loops run 16 iterations without calls or branches, with
+unsigned indices (a signed one adds numba's negative-index wrap-around, which
+blocks the vectoriser) and the exponentials inlined (``numba_runtime.exp``), so
+LLVM turns them into two ymm (AVX2, float32) or one zmm (AVX-512) instruction
+per operation; the same holds for NEON (four registers).  Loops of 8 would fit
+one AVX2 register, but LLVM unrolls such short loops completely before the loop
+vectoriser runs and the SLP vectoriser then leaves them scalar (checked on this
+code).  Lane masks compare float coordinates, not the 64-bit lane counter; the
+per-row "any lane?" tests are integer or-reductions (no fast-math needed); a
+test of the render mode inside a lane loop makes it scalar (the other mode's
+arrays are empty, so their loads cannot be hoisted), so the mode is tested
+outside.  Scalar by nature: the queue's compaction and scatter-add, the tile
+and row bookkeeping, binning.
 
-Threads: the kernels release the GIL and run on the pool of
-``numba_runtime.run_parallel``.
-Kernels are compiled once per dtype (float32 for training, float64 for tests)
-and cached on disk (``cache=True``).
+``EARLY_TERMINATION = False`` keeps all of the above but the amplitude-dependent
+skipping (pass-1 stop, floors): every pair within the cut-off counts, as before
+this was added (for benchmarks and tests).  ``last_statistics()`` returns the
+work counters of the latest call.  Memory is O(pixels + (pair, tile)
+intersections); nothing is stored per (pixel, Gaussian) pair.  Threads: the
+kernels release the GIL and run on the pool of ``numba_runtime.run_parallel``
+(four tasks per thread: tiles and pairs are many and uneven).  Kernels are
+compiled once per dtype (float32 for training, float64 for tests) and cached
+on disk (``cache=True``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, numpy_view, run_parallel
-from .project import CUTOFF_SIGMA, DEFAULT_BETA, Projection
+from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, numpy_view, run_parallel, trailing_zeros
+from .project import CUTOFF_SIGMA, DEFAULT_BETA, SOFT_SKIP_T, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
 LANES = 16
-"""Pixels per vector row, and the tile size along the lane axis."""
+"""Pixels per vector row, and the tile side along the lanes: two AVX2 (one AVX-512, four NEON) registers of
+float32."""
 TILE_ROWS = 16
-"""Rows per tile (forward pass)."""
+"""Tile side across the lanes (rows)."""
 ORIENTATION = "auto"
 """Kernel layout of each view: ``auto`` (fewest vector rows), ``rows`` or ``columns`` (transposed); for tests."""
+EARLY_TERMINATION = True
+"""Amplitude-ordered early termination (pass-1 stop, soft-MIP floors).  ``False`` evaluates every pair within
+the cut-off, as before this was added (for benchmarks and tests); results then differ only by the bound of
+``project.SOFT_SKIP_T``."""
 
 _CUTOFF = CUTOFF_SIGMA**2
+_CHECK_EVERY = 8  # pass 1 tests for termination every this many Gaussians: the test reads the whole tile
+_SLACK = 1e-6  # pixels added to float64 ellipse extents, for their own rounding
+_BIG = 1e9  # lane bound that stands for "unbounded" (clipped to the rectangle by the callers)
+_BUCKETS = 4096  # amplitude steps of the tile order
+_QUEUE = 512  # pairs queued for the exponentials (a few KiB per array: stays in L1)
+_DENSE = 4  # a soft-pass row with more lanes taken than this is summed in place rather than queued
 _LANE_SHIFT = LANES.bit_length() - 1
 _ROW_SHIFT = TILE_ROWS.bit_length() - 1
 assert 1 << _LANE_SHIFT == LANES and 1 << _ROW_SHIFT == TILE_ROWS, "tile sides must be powers of two"
@@ -65,11 +109,33 @@ assert 1 << _LANE_SHIFT == LANES and 1 << _ROW_SHIFT == TILE_ROWS, "tile sides m
 # Per-view layout columns (int64 array [V, _NUM_LAYOUT]).
 _H, _W, _IMAGE_OFFSET, _TRANSPOSED, _ROWS, _LEN, _STRIDE, _OFFSET, _TILES_L, _TILES_R, _TILE_OFFSET = range(11)
 _NUM_LAYOUT = 11
+# Columns of the per-tile work counters (see :func:`last_statistics`).
+_STAT_COLUMNS = ("tile_gaussians", "pass1_visited", "pass2_visited", "pass2_rows", "pass2_rows_skipped")
+
+_LAST_STATISTICS: dict[str, np.ndarray] = {}
 
 
 def unavailable_reason() -> str | None:
     """Why this backend cannot run here, or ``None``."""
     return IMPORT_ERROR
+
+
+def last_statistics() -> dict[str, np.ndarray]:
+    """Work counters of the latest :func:`rasterize` call in this process (and of its backward pass, once run).
+
+    Returns
+    -------
+    dict
+        Per kernel-layout tile (int64 [T]): ``tile_gaussians`` binned into it,
+        ``pass1_visited`` Gaussians pass 1 evaluated before it stopped,
+        ``pass2_visited`` the same for the soft pass (0 in hard mode),
+        ``pass2_rows`` and ``pass2_rows_skipped`` vector rows of the soft pass
+        with and without exponentials.  After the backward pass, per
+        (view, Gaussian) (int64 [V, K]): ``backward_rows``, the vector rows it
+        evaluated.  Meant for tests and benchmarks; calls from several threads
+        at once overwrite each other's counters.
+    """
+    return dict(_LAST_STATISTICS)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -90,39 +156,6 @@ def _orientation_costs(rects: np.ndarray, v: int) -> tuple[int, int]:
 
 
 @jit
-def _bin(rects: np.ndarray, layout: np.ndarray, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bin (view, Gaussian) pairs by the kernel-layout tiles their rectangles touch.
-
-    Returns ``starts`` [T + 1] and ``items`` (Gaussian indices): tile ``t`` holds
-    ``items[starts[t]:starts[t + 1]]`` in increasing Gaussian order.
-    """
-    num_views, num_gaussians = rects.shape[0], rects.shape[1]
-    counts = np.zeros(num_tiles + 1, np.int64)
-    for sweep in range(2):
-        if sweep == 1:
-            starts = np.cumsum(counts)
-            fill = starts[:-1].copy()
-            items = np.empty(starts[-1], np.int32)
-        for v in range(num_views):
-            transposed, tiles_l, tile_offset = layout[v, _TRANSPOSED], layout[v, _TILES_L], layout[v, _TILE_OFFSET]
-            for k in range(num_gaussians):
-                x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
-                if x0 > x1 or y0 > y1:
-                    continue
-                l0, l1, r0, r1 = (y0, y1, x0, x1) if transposed else (x0, x1, y0, y1)
-                # Bounds are >= 0, so shifts are the floor divisions by the (power-of-two) tile sides.
-                for tr in range(r0 >> _ROW_SHIFT, (r1 >> _ROW_SHIFT) + 1):
-                    for tl in range(l0 >> _LANE_SHIFT, (l1 >> _LANE_SHIFT) + 1):
-                        t = tile_offset + tr * tiles_l + tl
-                        if sweep == 0:
-                            counts[t + 1] += 1
-                        else:
-                            items[fill[t]] = k
-                            fill[t] += 1
-    return starts, items
-
-
-@jit
 def _pair(
     means2d: np.ndarray, conics: np.ndarray, rects: np.ndarray, v: int, k: int, transposed: bool
 ) -> tuple:  # pragma: no cover - compiled by numba
@@ -135,6 +168,216 @@ def _pair(
     else:
         l0, l1, r0, r1 = rects[v, k, 0], rects[v, k, 2], rects[v, k, 1], rects[v, k, 3]
     return means2d[v, k, 0], means2d[v, k, 1], conics[v, k, 0], cb2, conics[v, k, 2], l0, l1, r0, r1
+
+
+@jit
+def _record(pair_values: np.ndarray, pair_ints: np.ndarray, pair: int) -> tuple:  # pragma: no cover - numba
+    """Pair ``pair`` as :func:`_bin` packed it: ``(mx, my, A, 2 B, C, B, a, log a, lane first, lane last,
+    row first, row last)``."""
+    values, ints = pair_values[pair], pair_ints[pair]
+    return (
+        values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7],
+        ints[0], ints[1], ints[2], ints[3],
+    )  # fmt: skip
+
+
+@jit
+def _ellipse(
+    means2d: np.ndarray, conics: np.ndarray, rects: np.ndarray, v: int, k: int, transposed: bool, unit: float
+) -> tuple:  # pragma: no cover - compiled by numba
+    """Pair (v, k) in kernel-layout axes, float64, for :func:`_lane_range`: centre ``(lane, row)``, the conic
+    as ``P l^2 + 2 B l r + Q r^2`` (``l`` along the lanes), its determinant (0 where it cannot bound the
+    lanes: the rectangle does) and the cut-off ``9 + E``.
+
+    ``E = 8 u (|P| L^2 + 2 |B| L R + |Q| R^2)``, with ``L``, ``R`` the largest offsets from the centre in the
+    rectangle plus a pixel and ``u`` the unit roundoff of the dtype, bounds the rounding of ``q`` as the lanes
+    compute it (three products, two sums and the offsets, each within ``u`` relative): every pixel with a
+    computed ``q <= 9`` lies in the ellipse ``q <= 9 + E``.
+    """
+    a, b, c = float(conics[v, k, 0]), float(conics[v, k, 1]), float(conics[v, k, 2])
+    mx, my = float(means2d[v, k, 0]), float(means2d[v, k, 1])
+    reach_x = max(abs(rects[v, k, 0] - mx), abs(rects[v, k, 2] - mx)) + 1.0
+    reach_y = max(abs(rects[v, k, 1] - my), abs(rects[v, k, 3] - my)) + 1.0
+    cut = _CUTOFF + 8.0 * unit * (
+        abs(a) * reach_x * reach_x + 2.0 * abs(b) * reach_x * reach_y + abs(c) * reach_y * reach_y
+    )
+    det = a * c - b * b
+    usable = (det > 0.0) & (a > 0.0) & (c > 0.0) & math.isfinite(det) & math.isfinite(cut)
+    det = det if usable else 0.0
+    if transposed:
+        return my, mx, c, b, a, det, cut
+    return mx, my, a, b, c, det, cut
+
+
+@jit
+def _lane_range(
+    centre_l: float, centre_r: float, pp: float, bb: float, qq: float, det: float, cut: float, row_lo: int, row_hi: int
+) -> tuple[int, int]:  # pragma: no cover - compiled by numba
+    """First and last lane the ellipse ``P l^2 + 2 B l r + Q r^2 <= cut`` (:func:`_ellipse`) reaches in rows
+    ``row_lo ... row_hi``; first > last when it reaches none, +-``_BIG`` when the conic cannot tell.
+
+    At row offset ``r`` the lanes run over ``(-B r -+ sqrt(cut P - det r^2)) / P``; the upper end is concave in
+    ``r`` with its maximum at ``r = -B sqrt(cut / (det Q))`` (the lower end mirrors it), so over a band of rows
+    the extremes sit at those offsets clamped to the band.
+    """
+    if det <= 0.0:
+        return -int(_BIG), int(_BIG)
+    reach = math.sqrt(cut * pp / det) + _SLACK
+    d_lo = max(row_lo - centre_r, -reach)
+    d_hi = min(row_hi - centre_r, reach)
+    if d_lo > d_hi:
+        return 1, 0
+    turn = bb * math.sqrt(cut / (det * qq))
+    r_hi = min(max(-turn, d_lo), d_hi)
+    r_lo = min(max(turn, d_lo), d_hi)
+    hi = (-bb * r_hi + math.sqrt(max(cut * pp - det * r_hi * r_hi, 0.0))) / pp
+    lo = (-bb * r_lo - math.sqrt(max(cut * pp - det * r_lo * r_lo, 0.0))) / pp
+    first = math.ceil(min(max(centre_l + lo - _SLACK, -_BIG), _BIG))
+    last = math.floor(min(max(centre_l + hi + _SLACK, -_BIG), _BIG))
+    return first, last
+
+
+@kernel
+def _bin_sizes(
+    rects: np.ndarray, layout: np.ndarray, worker: int, num_workers: int, sizes: np.ndarray
+) -> None:  # pragma: no cover - compiled by numba
+    """Per view ``v = worker, worker + num_workers, ...``: ``sizes[v]`` = (tiles its rectangles cover at most:
+    an upper bound of its entries, live pairs)."""
+    for v in range(worker, rects.shape[0], num_workers):
+        transposed = layout[v, _TRANSPOSED] != 0
+        capacity = 0
+        live = 0
+        for k in range(rects.shape[1]):
+            x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
+            if x0 <= x1 and y0 <= y1:
+                l0, l1, r0, r1 = (y0, y1, x0, x1) if transposed else (x0, x1, y0, y1)
+                lanes = (l1 >> _LANE_SHIFT) - (l0 >> _LANE_SHIFT) + 1
+                capacity += lanes * ((r1 >> _ROW_SHIFT) - (r0 >> _ROW_SHIFT) + 1)
+                live += 1
+        sizes[v, 0] = capacity
+        sizes[v, 1] = live
+
+
+@kernel
+def _bin(
+    means2d: np.ndarray,
+    conics: np.ndarray,
+    amps: np.ndarray,
+    log_amps: np.ndarray,
+    rects: np.ndarray,
+    layout: np.ndarray,
+    unit: float,
+    bases: np.ndarray,
+    worker: int,
+    num_workers: int,
+    tile_range: np.ndarray,
+    items: np.ndarray,
+    item_entry: np.ndarray,
+    entry_origin: np.ndarray,
+    pair_values: np.ndarray,
+    pair_ints: np.ndarray,
+    pair_span: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba
+    """Bin the live pairs of views ``worker, worker + num_workers, ...`` by the kernel-layout tiles their
+    ellipses touch.
+
+    A view's pairs are numbered from ``bases[v, 1]`` in descending amplitude (:func:`_amplitude_order`), and
+    what the kernels read of a pair is packed by that number, so that a tile's Gaussians and a pair's tiles are
+    read from a few contiguous lines.  Its entries (tile, pair) and its tiles' items share the index range from
+    ``bases[v, 0]`` (sized by :func:`_bin_sizes`; the tail a view does not use is never read).
+
+    Writes
+    ------
+    tile_range, items
+        Tile ``t`` holds the pairs ``items[tile_range[t, 0]:tile_range[t, 1]]`` (in amplitude order).
+    pair_values
+        [P, 8] ``(mx, my, A, 2 B, C, B, a, log a)`` (:func:`_pair`'s axes).
+    pair_ints
+        [P, 6] ``(lane first, lane last, row first, row last, view, Gaussian)`` (kernel layout).
+    pair_span, entry_origin, item_entry
+        Pair ``s`` lies in the tiles whose first (lane, row) is ``entry_origin[e]``, ``e`` in
+        ``pair_span[s, 0] ... pair_span[s, 1] - 1``; item ``j`` is entry ``item_entry[j]``.
+    """
+    for v in range(worker, rects.shape[0], num_workers):
+        transposed = layout[v, _TRANSPOSED] != 0
+        tiles_l, tile_offset = layout[v, _TILES_L], layout[v, _TILE_OFFSET]
+        num_tiles = tiles_l * layout[v, _TILES_R]
+        first_entry, pair = bases[v, 0], bases[v, 1]
+        entry_tile = np.empty(bases[v + 1, 0] - first_entry, np.int32)
+        entry_pair = np.empty(bases[v + 1, 0] - first_entry, np.int32)
+        counts = np.zeros(num_tiles + 1, np.int64)
+        size = 0
+        for k in _amplitude_order(log_amps, rects, v):
+            x0, y0, x1, y1 = rects[v, k, 0], rects[v, k, 1], rects[v, k, 2], rects[v, k, 3]
+            if x0 > x1 or y0 > y1:
+                continue
+            mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
+            pair_values[pair, 0], pair_values[pair, 1], pair_values[pair, 2] = mx, my, ca
+            pair_values[pair, 3], pair_values[pair, 4], pair_values[pair, 5] = cb2, cc, conics[v, k, 1]
+            pair_values[pair, 6], pair_values[pair, 7] = amps[v, k], log_amps[v, k]
+            pair_ints[pair, 0], pair_ints[pair, 1], pair_ints[pair, 2], pair_ints[pair, 3] = l0, l1, r0, r1
+            pair_ints[pair, 4], pair_ints[pair, 5] = v, k
+            pair_span[pair, 0] = first_entry + size
+            # Bounds are >= 0, so shifts are the floor divisions by the (power-of-two) tile sides.
+            # Every row of the rectangle meets the ellipse, and the ellipse spans the rectangle's lanes over
+            # its rows: only a rectangle over several tiles both ways has tiles the ellipse misses.
+            corners = (l0 >> _LANE_SHIFT) != (l1 >> _LANE_SHIFT) and (r0 >> _ROW_SHIFT) != (r1 >> _ROW_SHIFT)
+            cl = cr = pp = bb = qq = det = cut = 0.0
+            if corners:
+                cl, cr, pp, bb, qq, det, cut = _ellipse(means2d, conics, rects, v, k, transposed, unit)
+            for tr in range(r0 >> _ROW_SHIFT, (r1 >> _ROW_SHIFT) + 1):
+                lo, hi = l0, l1
+                if corners:
+                    band_lo = max(r0, tr << _ROW_SHIFT)
+                    band_hi = min(r1, ((tr + 1) << _ROW_SHIFT) - 1)
+                    lo, hi = _lane_range(cl, cr, pp, bb, qq, det, cut, band_lo, band_hi)
+                    lo, hi = max(lo, l0), min(hi, l1)
+                for tl in range(lo >> _LANE_SHIFT, (hi >> _LANE_SHIFT) + 1):
+                    local = tr * tiles_l + tl
+                    entry_tile[size] = local
+                    entry_pair[size] = pair
+                    entry_origin[first_entry + size, 0] = tl << _LANE_SHIFT
+                    entry_origin[first_entry + size, 1] = tr << _ROW_SHIFT
+                    counts[local + 1] += 1
+                    size += 1
+            pair_span[pair, 1] = first_entry + size
+            pair += 1
+        # A stable counting sort by tile keeps each tile's pairs in the order of the sweep.
+        starts = np.cumsum(counts) + first_entry
+        for local in range(num_tiles):
+            tile_range[tile_offset + local, 0] = starts[local]
+            tile_range[tile_offset + local, 1] = starts[local + 1]
+        for e in range(size):
+            local = entry_tile[e]
+            items[starts[local]] = entry_pair[e]
+            item_entry[starts[local]] = first_entry + e
+            starts[local] += 1
+
+
+@jit
+def _amplitude_order(log_amps: np.ndarray, rects: np.ndarray, v: int) -> np.ndarray:
+    """The Gaussian indices of view ``v`` in descending ``log a``, quantised to ``_BUCKETS`` steps between the
+    view's extremes (a counting sort: O(K), stable; culled pairs last).  Tiles visit their Gaussians in this
+    order; :func:`_forward` bounds what follows by suffix maxima, so the quantisation costs no exactness."""
+    num_gaussians = log_amps.shape[1]
+    order = np.empty(num_gaussians, np.int32)
+    keys = np.empty(num_gaussians, np.int64)
+    top, bottom = -np.inf, np.inf
+    for k in range(num_gaussians):
+        if rects[v, k, 0] <= rects[v, k, 2] and rects[v, k, 1] <= rects[v, k, 3]:
+            top = max(top, float(log_amps[v, k]))
+            bottom = min(bottom, float(log_amps[v, k]))
+    scale = (_BUCKETS - 1) / (top - bottom) if top > bottom else 0.0
+    counts = np.zeros(_BUCKETS + 2, np.int64)
+    for k in range(num_gaussians):
+        live = rects[v, k, 0] <= rects[v, k, 2] and rects[v, k, 1] <= rects[v, k, 3]
+        keys[k] = int((top - float(log_amps[v, k])) * scale) if live else _BUCKETS
+        counts[keys[k] + 1] += 1
+    starts = np.cumsum(counts)
+    for k in range(num_gaussians):
+        order[starts[keys[k]]] = k
+        starts[keys[k]] += 1
+    return order
 
 
 @jit
@@ -152,45 +395,123 @@ def _offset(
     return dx, dy, ca * dx * dx + cb2 * dx * dy + cc * dy * dy
 
 
+@jit
+def _tile_min(values: np.ndarray, num_rows: int, num_lanes: int, scratch: np.ndarray) -> float:
+    """Smallest of ``values`` over the tile's pixels inside the view (``num_rows`` x ``num_lanes``).
+
+    Lane-wise minima first (a vector loop), then one short scalar reduction: a float reduction in one loop
+    would stay scalar (LLVM may not reorder it without fast-math).
+    """  # pragma: no cover - compiled by numba
+    top = np.inf * (values[0] - values[0] + 1)
+    for lane in range(LANES):
+        scratch[lane] = top
+    for r in range(num_rows):
+        row = r * LANES
+        for lane in range(LANES):
+            value = values[row + lane] if lane < num_lanes else top
+            scratch[lane] = min(scratch[lane], value)
+    lowest = top
+    for lane in range(LANES):
+        lowest = min(lowest, scratch[lane])
+    return lowest
+
+
+@jit
+def _soft_sums(
+    count: int,
+    q: np.ndarray,
+    amp: np.ndarray,
+    peak: np.ndarray,
+    pixel: np.ndarray,
+    half: float,
+    beta: float,
+    e: np.ndarray,
+    ge: np.ndarray,
+    norm: np.ndarray,
+    weighted: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba
+    """Add the first ``count`` queued pairs to the softmax sums of their tile pixels: ``g = a exp(-q / 2)``,
+    ``e = exp(beta (g - m))``; ``norm += e``, ``weighted += g e``.
+
+    The exponentials run in a vector loop over the queue; the sums in a scalar loop in queue order (a pixel
+    may appear several times), so each pixel adds its terms in the tile's Gaussian order.
+    """
+    for m in range(count):
+        n = np.uint64(m)
+        g = amp[n] * exp(-half * q[n])
+        e[n] = exp(beta * (g - peak[n]))
+        ge[n] = g * e[n]
+    for m in range(count):
+        n = np.uint64(m)
+        i = pixel[n]
+        norm[i] += e[n]
+        weighted[i] += ge[n]
+
+
 @kernel
 def _forward(
-    means2d: np.ndarray,
-    conics: np.ndarray,
-    amps: np.ndarray,
-    rects: np.ndarray,
+    pair_values: np.ndarray,
+    pair_ints: np.ndarray,
     layout: np.ndarray,
     tile_view: np.ndarray,
-    starts: np.ndarray,
+    tile_range: np.ndarray,
     items: np.ndarray,
     coords: np.ndarray,
     soft: bool,
+    early: bool,
     beta: float,
     half: float,
     cutoff: float,
+    skip: float,
+    max_items: int,
     worker: int,
     num_workers: int,
+    item_entry: np.ndarray,
+    row_bits: np.ndarray,
+    entry_bits: np.ndarray,
     image: np.ndarray,
     out_k: np.ndarray,
     peak_k: np.ndarray,
     inv_norm_k: np.ndarray,
+    floor_k: np.ndarray,
     argmax_k: np.ndarray,
+    tile_stats: np.ndarray,
 ) -> None:
     """Render the tiles ``worker, worker + num_workers, ...``.
 
     Writes ``image`` (row-major views) and, in kernel layout, what the backward
-    pass reads: ``out_k`` and (soft) ``peak_k`` = m, ``inv_norm_k`` = 1 / S, or
-    (hard) ``argmax_k`` (-1 where no Gaussian reaches).  ``beta``, ``half`` and
-    ``cutoff`` carry the image dtype so that float32 stays float32.
+    pass reads: ``out_k`` and (soft) ``peak_k`` = m, ``inv_norm_k`` = 1 / S and
+    ``floor_k`` (the log-domain floor of the pairs taken: +inf where nothing
+    reaches), or (hard) ``argmax_k`` (-1 where nothing reaches); and the work
+    counters ``tile_stats`` [T, 5].  ``beta``, ``half``, ``cutoff`` and ``skip``
+    (``T / beta``) carry the image dtype so that float32 stays float32.
     """
     num_tiles = tile_view.shape[0]
     zero = half - half
     one = half + half
     lowest = -np.inf * one
+    highest = np.inf * one
+    size = TILE_ROWS * LANES
     # Tile-local state, row-major [TILE_ROWS, LANES]: stays in L1; the lane loops below vectorise over it.
-    best = np.empty(TILE_ROWS * LANES, image.dtype)
-    norm = np.empty(TILE_ROWS * LANES, image.dtype)
-    weighted = np.empty(TILE_ROWS * LANES, image.dtype)
-    arg = np.empty(TILE_ROWS * LANES, np.int32)
+    best = np.empty(size, image.dtype)  # log m
+    peak = np.empty(size, image.dtype)  # m
+    floor = np.empty(size, image.dtype)
+    norm = np.empty(size, image.dtype)
+    weighted = np.empty(size, image.dtype)
+    arg = np.empty(size, np.int32)
+    lane_min = np.empty(LANES, image.dtype)
+    tile_values = np.empty((max_items, 8), image.dtype)
+    tile_ints = np.empty((max_items, 4), np.int32)
+    ceiling = np.empty(max_items, image.dtype)
+    q_row = np.empty(LANES, image.dtype)
+    taken_row = np.empty(LANES, np.uint64)
+    # The soft pass's queue of (pixel, Gaussian) pairs taken, and their terms.
+    q_queue = np.empty(_QUEUE, image.dtype)
+    amp_queue = np.empty(_QUEUE, image.dtype)
+    peak_queue = np.empty(_QUEUE, image.dtype)
+    e_queue = np.empty(_QUEUE, image.dtype)
+    ge_queue = np.empty(_QUEUE, image.dtype)
+    pixel_queue = np.empty(_QUEUE, np.uint64)
     # Neighbouring tiles cost about the same, so striding gives every worker a fair share of every view.
     for t in range(worker, num_tiles, num_workers):
         v = tile_view[t]
@@ -200,55 +521,142 @@ def _forward(
         lane0 = (local % tiles_l) * LANES
         row0 = (local // tiles_l) * TILE_ROWS
         num_rows = min(TILE_ROWS, layout[v, _ROWS] - row0)
+        num_lanes = min(LANES, layout[v, _LEN] - lane0)
         u0 = np.uint64(lane0)
+        first, end = tile_range[t, 0], tile_range[t, 1]
+        # The tile's pairs, copied next to each other: the cache misses of this gather overlap, where the
+        # passes below would meet them one at a time.
+        for j in range(first, end):
+            pair = items[j]
+            for column in range(8):
+                tile_values[j - first, column] = pair_values[pair, column]
+            for column in range(4):
+                tile_ints[j - first, column] = pair_ints[pair, column]
+        # ceiling[j]: the largest log a from item j on (the order is descending up to its quantisation).
+        running = lowest
+        for j in range(end - 1, first - 1, -1):
+            running = max(running, tile_values[j - first, 7])
+            ceiling[j - first] = running
         best[:] = lowest
-        norm[:] = zero
-        weighted[:] = zero
         arg[:] = -1
-        # Pass 1: per-pixel maximum of log g = log a - q / 2, and the Gaussian that reaches it.
-        for j in range(starts[t], starts[t + 1]):
-            k = items[j]
-            mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
-            log_amp = np.log(amps[v, k])
-            lo, hi = l0 - lane0, l1 - lane0
+        # Pass 1: per-pixel maximum of log g = log a - q / 2 and the Gaussian that reaches it.  Values never
+        # exceed log a, so once the ceiling is <= every pixel's maximum nothing can raise one: stop there.
+        stop = end
+        for j in range(first, end):
+            if early and j > first and (j - first) % _CHECK_EVERY == 0:
+                if ceiling[j - first] <= _tile_min(best, num_rows, num_lanes, lane_min):
+                    stop = j
+                    break
+            mx, my, ca, cb2, cc, _, _, log_amp, l0, l1, r0, r1 = _record(tile_values, tile_ints, j - first)
+            # The rectangle's lanes as coordinates: float compares are cheaper in the vector loops than
+            # compares of the 64-bit lane counter (exact: coordinates are small integers).
+            lo, hi = coords[l0], coords[l1]
             for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                 fixed = coords[r]
                 row = np.uint64((r - row0) * LANES)
                 for lane in range(LANES):
                     ul = np.uint64(lane)
-                    _, _, q = _offset(fixed, coords[u0 + ul], mx, my, ca, cb2, cc, transposed)
-                    value = log_amp - half * q
+                    at = coords[u0 + ul]
+                    _, _, q = _offset(fixed, at, mx, my, ca, cb2, cc, transposed)
+                    # q >= 0 in exact arithmetic; the clamp keeps value <= log a after rounding too.
+                    value = log_amp - half * max(q, zero)
                     i = row + ul
-                    better = (lane >= lo) & (lane <= hi) & (q <= cutoff) & (value > best[i])
+                    better = (at >= lo) & (at <= hi) & (q <= cutoff) & (value > best[i])
                     best[i] = value if better else best[i]
-                    arg[i] = k if better else arg[i]
-        for i in range(num_rows * LANES):
-            best[i] = exp(best[i])
+                    arg[i] = j if better else arg[i]
+        tile_stats[t, 0] = end - first
+        tile_stats[t, 1] = stop - first
+        tile_stats[t, 2] = 0
+        tile_stats[t, 3] = 0
+        tile_stats[t, 4] = 0
+        for i in range(size):
+            peak[i] = exp(best[i])
+        # row_bits[j]: the tile rows where item j takes pixels (soft: pass 2; hard: its arg-max pixels), which
+        # are all the backward pass visits.
+        row_bits[first:end] = 0
+        if not soft:
+            for i in range(num_rows * LANES):
+                if arg[i] >= 0:
+                    row_bits[arg[i]] |= np.uint32(1) << np.uint32(i // LANES)
         if soft:
-            # Pass 2: softmax sums, the maximum known (no rescaling).
-            for j in range(starts[t], starts[t + 1]):
-                k = items[j]
-                mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
-                amp = amps[v, k]
-                lo, hi = l0 - lane0, l1 - lane0
+            # Floor of the pairs that count: log(m - T / beta) >= log m - (T / beta) / (m - T / beta)
+            # (log(1 - x) >= -x / (1 - x)), i.e. a pair below it weighs less than e^-T.
+            for i in range(size):
+                gap = peak[i] - skip
+                bound = best[i] - skip / gap if early & (gap > zero) else lowest
+                floor[i] = bound if best[i] > lowest else highest
+                norm[i] = zero
+                weighted[i] = zero
+            floor_min = _tile_min(floor, num_rows, num_lanes, lane_min)
+            # Pass 2: softmax sums, the maximum known (no rescaling).  Each row of a pair is tested cheaply
+            # (vector loop: q, and whether the lane reaches its floor); the lanes taken are queued, and the
+            # exponentials run over the full queue, every lane useful (about a quarter of a row's lanes are).
+            visited = 0
+            evaluated = 0
+            skipped = 0
+            queued = np.uint64(0)
+            for j in range(first, end):
+                if ceiling[j - first] < floor_min:
+                    break  # values never exceed log a: this and every later pair is below every floor
+                visited += 1
+                mx, my, ca, cb2, cc, _, amp, log_amp, l0, l1, r0, r1 = _record(tile_values, tile_ints, j - first)
+                lo, hi = coords[l0], coords[l1]
+                first_lane, last_lane = max(l0 - lane0, 0), min(l1 - lane0, LANES - 1)
                 for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                     fixed = coords[r]
                     row = np.uint64((r - row0) * LANES)
+                    taken_count = np.uint64(0)
                     for lane in range(LANES):
                         ul = np.uint64(lane)
-                        _, _, q = _offset(fixed, coords[u0 + ul], mx, my, ca, cb2, cc, transposed)
-                        # Masked lanes compute with q clamped to the cut-off: their values are discarded,
-                        # and the clamp keeps them out of (very slow) subnormal arithmetic.
-                        g = amp * exp(-half * min(q, cutoff))
-                        i = row + ul
-                        e = exp(beta * (g - best[i]))
-                        e = e if (lane >= lo) & (lane <= hi) & (q <= cutoff) else zero
-                        norm[i] += e
-                        weighted[i] += g * e
+                        at = coords[u0 + ul]
+                        _, _, q = _offset(fixed, at, mx, my, ca, cb2, cc, transposed)
+                        value = log_amp - half * max(q, zero)
+                        taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor[row + ul])
+                        q_row[ul] = q
+                        taken_row[ul] = taken
+                        taken_count += taken_row[ul]
+                    if taken_count == 0:
+                        skipped += 1
+                        continue
+                    evaluated += 1
+                    row_bits[j] |= np.uint32(1) << np.uint32(r - row0)
+                    if taken_count > _DENSE:
+                        # Most lanes taken: the row's own vector loop wastes less than queueing them.
+                        for lane in range(LANES):
+                            ul = np.uint64(lane)
+                            i = row + ul
+                            g = amp * exp(-half * min(q_row[ul], cutoff))  # masked lanes: clamped, no subnormals
+                            e = exp(beta * (g - peak[i]))
+                            e = e if taken_row[ul] != 0 else zero
+                            norm[i] += e
+                            weighted[i] += g * e
+                        continue
+                    # Few lanes taken: branch-free compaction (every lane is written, the queue grows by the
+                    # lanes taken); the exponentials run later over the full queue.
+                    for lane in range(first_lane, last_lane + 1):
+                        ul = np.uint64(lane)
+                        at = np.uint64(queued)
+                        q_queue[at] = q_row[ul]
+                        amp_queue[at] = amp
+                        peak_queue[at] = peak[row + ul]
+                        pixel_queue[at] = row + ul
+                        queued += taken_row[ul]
+                    if queued > _QUEUE - LANES:
+                        _soft_sums(queued, q_queue, amp_queue, peak_queue, pixel_queue, half, beta, e_queue, ge_queue,
+                                   norm, weighted)  # fmt: skip
+                        queued = np.uint64(0)
+            _soft_sums(
+                queued, q_queue, amp_queue, peak_queue, pixel_queue, half, beta, e_queue, ge_queue, norm, weighted
+            )
+            tile_stats[t, 2] = visited
+            tile_stats[t, 3] = evaluated
+            tile_stats[t, 4] = skipped
+        # The backward pass reads the bits per pair: in entry order, which keeps each pair's together.
+        for j in range(first, end):
+            entry_bits[item_entry[j]] = row_bits[j]
         # Write back: kernel layout for the backward pass, row-major image for the caller.
         width, image_offset = layout[v, _W], layout[v, _IMAGE_OFFSET]
         stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
-        lanes = min(LANES, layout[v, _LEN] - lane0)
         last_tile = lane0 + LANES == tiles_l * LANES
         for r in range(num_rows):
             base = np.uint64(offset + (row0 + r) * stride + lane0)
@@ -261,35 +669,39 @@ def _forward(
                     s = norm[i]
                     covered = s > zero
                     weighted[i] = weighted[i] / s if covered else zero
-                    peak_k[p] = best[i]
+                    peak_k[p] = peak[i]
                     inv_norm_k[p] = one / s if covered else zero
+                    floor_k[p] = floor[i]
                 else:
-                    weighted[i] = best[i] if arg[i] >= 0 else zero
-                    argmax_k[p] = arg[i]
+                    weighted[i] = peak[i] if arg[i] >= 0 else zero
+                    argmax_k[p] = items[arg[i]] if arg[i] >= 0 else -1  # the pair, as the backward pass numbers it
                 out_k[p] = weighted[i]
                 if last_tile:
-                    # The last tile of a row also clears the row's padding, which the backward pass reads (masked).
+                    # The last tile of a row also fills the row's padding, which the backward pass reads (masked).
                     pad = p + np.uint64(LANES)
                     out_k[pad] = zero
                     if soft:
                         peak_k[pad] = zero
                         inv_norm_k[pad] = zero
+                        floor_k[pad] = highest
                     else:
                         argmax_k[pad] = -1
             if transposed:
-                for lane in range(lanes):
+                for lane in range(num_lanes):
                     image[image_offset + (lane0 + lane) * width + row0 + r] = weighted[row + np.uint64(lane)]
             else:
                 target = np.uint64(image_offset + (row0 + r) * width + lane0)
-                for lane in range(lanes):
+                for lane in range(num_lanes):
                     image[target + np.uint64(lane)] = weighted[row + np.uint64(lane)]
 
 
-@jit
-def _to_kernel_layout(flat: np.ndarray, layout: np.ndarray, total: int) -> np.ndarray:
-    """Copy a flat row-major buffer of all views into kernel layout (zero padding)."""
-    result = np.empty(total, flat.dtype)
-    for v in range(layout.shape[0]):
+@kernel
+def _to_kernel_layout(
+    flat: np.ndarray, layout: np.ndarray, worker: int, num_workers: int, result: np.ndarray
+) -> None:  # pragma: no cover - compiled by numba
+    """Copy views ``worker, worker + num_workers, ...`` of a flat row-major buffer into kernel layout (zero
+    padding)."""
+    for v in range(worker, layout.shape[0], num_workers):
         height, width, image_offset = layout[v, _H], layout[v, _W], layout[v, _IMAGE_OFFSET]
         stride, offset, rows, length = layout[v, _STRIDE], layout[v, _OFFSET], layout[v, _ROWS], layout[v, _LEN]
         for r in range(rows):
@@ -303,17 +715,91 @@ def _to_kernel_layout(flat: np.ndarray, layout: np.ndarray, total: int) -> np.nd
                 result[offset + y * stride : offset + y * stride + width] = flat[
                     image_offset + y * width : image_offset + (y + 1) * width
                 ]
-    return result
+
+
+@jit
+def _accumulate(
+    acc: np.ndarray, lane: int, dg: float, e: float, g: float, dx: float, dy: float, half: float
+) -> None:  # pragma: no cover - compiled by numba
+    """Add one lane's terms to the partial sums ``acc[:, lane]`` of ``dL/dg exp(-q / 2)``, ``dq dx``, ``dq dy``,
+    ``dq dx^2``, ``dq dx dy``, ``dq dy^2``, with ``dq = dL/dq = -g dL/dg / 2``."""
+    dq = -half * dg * g
+    acc[0, lane] += dg * e
+    acc[1, lane] += dq * dx
+    acc[2, lane] += dq * dy
+    acc[3, lane] += dq * dx * dx
+    acc[4, lane] += dq * dx * dy
+    acc[5, lane] += dq * dy * dy
+
+
+@jit
+def _pair_row(
+    soft: bool,
+    pair: int,
+    fixed: float,
+    coords: np.ndarray,
+    u0: int,
+    p0: int,
+    lo: float,
+    hi: float,
+    mx: float,
+    my: float,
+    ca: float,
+    cb2: float,
+    cc: float,
+    amp: float,
+    log_amp: float,
+    transposed: bool,
+    beta: float,
+    half: float,
+    cutoff: float,
+    grad_k: np.ndarray,
+    out_k: np.ndarray,
+    peak_k: np.ndarray,
+    inv_norm_k: np.ndarray,
+    floor_k: np.ndarray,
+    argmax_k: np.ndarray,
+    acc: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba
+    """Add one window of ``LANES`` pixels (first lane ``u0``, kernel-layout index ``p0``) of a row to the pair's
+    partial sums ``acc``, with the forward pass's test per lane (soft: the floor; hard: the arg-max)."""
+    zero = half - half
+    one = half + half
+    # The mode is tested outside the lane loops: a branch inside keeps them scalar (the arrays of the other
+    # mode are empty, so LLVM may not hoist their loads).
+    if soft:
+        for lane in range(LANES):
+            ul = np.uint64(lane)
+            p = p0 + ul
+            at = coords[u0 + ul]
+            dx, dy, q = _offset(fixed, at, mx, my, ca, cb2, cc, transposed)
+            value = log_amp - half * max(q, zero)
+            taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor_k[p])
+            e_q = exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
+            g = amp * e_q
+            s = exp(beta * (g - peak_k[p])) * inv_norm_k[p]
+            dg = grad_k[p] * s * (one + beta * (g - out_k[p]))
+            _accumulate(acc, ul, dg if taken else zero, e_q, g, dx, dy, half)
+    else:
+        for lane in range(LANES):
+            ul = np.uint64(lane)
+            p = p0 + ul
+            at = coords[u0 + ul]
+            dx, dy, q = _offset(fixed, at, mx, my, ca, cb2, cc, transposed)
+            taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (argmax_k[p] == pair)
+            e_q = exp(-half * min(q, cutoff))
+            _accumulate(acc, ul, grad_k[p] if taken else zero, e_q, amp * e_q, dx, dy, half)
 
 
 @kernel
 def _backward(
-    means2d: np.ndarray,
-    conics: np.ndarray,
-    amps: np.ndarray,
-    rects: np.ndarray,
+    pair_values: np.ndarray,
+    pair_ints: np.ndarray,
     layout: np.ndarray,
     coords: np.ndarray,
+    pair_span: np.ndarray,
+    entry_origin: np.ndarray,
+    entry_bits: np.ndarray,
     soft: bool,
     beta: float,
     half: float,
@@ -324,74 +810,74 @@ def _backward(
     out_k: np.ndarray,
     peak_k: np.ndarray,
     inv_norm_k: np.ndarray,
+    floor_k: np.ndarray,
     argmax_k: np.ndarray,
     grad_means: np.ndarray,
     grad_conics: np.ndarray,
     grad_amps: np.ndarray,
+    pair_rows: np.ndarray,
 ) -> None:
-    """Gradients of Gaussians ``worker, worker + num_workers, ...`` in every view.
+    """Gradients of the pairs ``worker, worker + num_workers, ...`` (:func:`_bin`'s numbering).
 
-    ``d g / d a = exp(-q / 2)`` and ``d g / d q = -g / 2``; ``q`` is linear in
-    ``(A, B, C)`` and quadratic in ``(dx, dy) = pixel - mean``.  Lane-wise
-    partial sums are reduced in float64.
+    A pair visits only the rows where the forward pass took some of its pixels (``entry_bits`` of its tiles),
+    in windows of ``LANES`` from its first lane, with the forward's test per lane (:func:`_pair_row`).  ``d g / d a = exp(-q / 2)`` and ``d g / d q = -g / 2``; ``q`` is
+    linear in ``(A, B, C)`` and quadratic in ``(dx, dy) = pixel - mean``.  Lane-wise partial sums are reduced
+    in float64.  ``pair_rows[v, k]`` counts the windows visited.  Culled pairs are not visited: their gradients
+    stay as the caller initialised them (zero).
     """
-    num_views, num_gaussians = amps.shape
     zero = half - half
-    one = half + half
     # Lane-wise partial sums of dg exp(-q/2), dq dx, dq dy, dq dx^2, dq dx dy, dq dy^2.
     acc = np.empty((6, LANES), grad_k.dtype)
-    for k in range(worker, num_gaussians, num_workers):
-        for v in range(num_views):
-            transposed = layout[v, _TRANSPOSED] != 0
-            stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
-            mx, my, ca, cb2, cc, l0, l1, r0, r1 = _pair(means2d, conics, rects, v, k, transposed)
-            cb = conics[v, k, 1]
-            amp = amps[v, k]
-            acc[:] = zero
-            for r in range(r0, r1 + 1):
+    for pair in range(worker, pair_ints.shape[0], num_workers):
+        mx, my, ca, cb2, cc, cb, amp, log_amp, l0, l1, _, _ = _record(pair_values, pair_ints, pair)
+        v, k = pair_ints[pair, 4], pair_ints[pair, 5]
+        transposed = layout[v, _TRANSPOSED] != 0
+        stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
+        lo, hi = coords[l0], coords[l1]
+        visited = 0
+        acc[:] = zero
+        e = pair_span[pair, 0]
+        while e < pair_span[pair, 1]:
+            # The pair's tiles in one band of rows (consecutive entries): the union of their rows, each walked
+            # once in windows from the pair's first lane, so a row across two tiles costs one window, not two.
+            row0 = entry_origin[e, 1]
+            bits = np.uint32(0)
+            while e < pair_span[pair, 1] and entry_origin[e, 1] == row0:
+                bits |= entry_bits[e]
+                e += 1
+            while bits != 0:
+                r = row0 + trailing_zeros(bits)
+                bits &= bits - np.uint32(1)
                 fixed = coords[r]
-                base = offset + r * stride
                 for c0 in range(l0, l1 + 1, LANES):
-                    p0 = np.uint64(base + c0)
-                    cu = np.uint64(c0)
-                    last = l1 - c0
-                    for lane in range(LANES):
-                        ul = np.uint64(lane)
-                        dx, dy, q = _offset(fixed, coords[cu + ul], mx, my, ca, cb2, cc, transposed)
-                        e = exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
-                        g = amp * e
-                        inside = (lane <= last) & (q <= cutoff)
-                        p = p0 + ul
-                        if soft:
-                            s = exp(beta * (g - peak_k[p])) * inv_norm_k[p]
-                            dg = grad_k[p] * s * (one + beta * (g - out_k[p]))
-                        else:
-                            inside = inside & (argmax_k[p] == k)
-                            dg = grad_k[p]
-                        dg = dg if inside else zero
-                        dq = -half * dg * g
-                        acc[0, ul] += dg * e
-                        acc[1, ul] += dq * dx
-                        acc[2, ul] += dq * dy
-                        acc[3, ul] += dq * dx * dx
-                        acc[4, ul] += dq * dx * dy
-                        acc[5, ul] += dq * dy * dy
-            s_a = s_x = s_y = s_xx = s_xy = s_yy = 0.0
-            for lane in range(LANES):
-                s_a += float(acc[0, lane])
-                s_x += float(acc[1, lane])
-                s_y += float(acc[2, lane])
-                s_xx += float(acc[3, lane])
-                s_xy += float(acc[4, lane])
-                s_yy += float(acc[5, lane])
-            fa, fb, fc = float(ca), float(cb), float(cc)
-            grad_amps[v, k] = s_a
-            grad_conics[v, k, 0] = s_xx
-            grad_conics[v, k, 1] = 2 * s_xy
-            grad_conics[v, k, 2] = s_yy
-            # d q / d mean = -(d q / d dx, d q / d dy) = -2 (A dx + B dy, B dx + C dy).
-            grad_means[v, k, 0] = -2 * (fa * s_x + fb * s_y)
-            grad_means[v, k, 1] = -2 * (fb * s_x + fc * s_y)
+                    visited += 1
+                    u0 = np.uint64(c0)
+                    p0 = np.uint64(offset + r * stride + c0)
+                    _pair_row(soft, pair, fixed, coords, u0, p0, lo, hi, mx, my, ca, cb2, cc, amp, log_amp, transposed,
+                              beta, half, cutoff, grad_k, out_k, peak_k, inv_norm_k, floor_k, argmax_k, acc)  # fmt: skip
+        pair_rows[v, k] = visited
+        if visited == 0:
+            continue
+        # Halves first (vector adds), then the remaining lanes in float64.
+        for lane in range(LANES // 2):
+            for sum_index in range(6):
+                acc[sum_index, lane] += acc[sum_index, lane + LANES // 2]
+        s_a = s_x = s_y = s_xx = s_xy = s_yy = 0.0
+        for lane in range(LANES // 2):
+            s_a += float(acc[0, lane])
+            s_x += float(acc[1, lane])
+            s_y += float(acc[2, lane])
+            s_xx += float(acc[3, lane])
+            s_xy += float(acc[4, lane])
+            s_yy += float(acc[5, lane])
+        fa, fb, fc = float(ca), float(cb), float(cc)
+        grad_amps[v, k] = s_a
+        grad_conics[v, k, 0] = s_xx
+        grad_conics[v, k, 1] = 2 * s_xy
+        grad_conics[v, k, 2] = s_yy
+        # d q / d mean = -(d q / d dx, d q / d dy) = -2 (A dx + B dy, B dx + C dy).
+        grad_means[v, k, 0] = -2 * (fa * s_x + fb * s_y)
+        grad_means[v, k, 1] = -2 * (fb * s_x + fc * s_y)
 
 
 # --------------------------------------------------------------------------- torch glue
@@ -424,9 +910,11 @@ def _layout(shapes: list[tuple[int, int]], rects: np.ndarray) -> tuple[np.ndarra
 
 
 def _scalars(dtype: torch.dtype, beta: float) -> tuple:
-    """``beta``, 1/2 and the cut-off as numpy scalars of the image dtype (keeps float32 kernels in float32)."""
+    """``beta``, 1/2, the cut-off and ``T / beta`` as numpy scalars of the image dtype (keeps float32 kernels in
+    float32), and the dtype's unit roundoff (float64)."""
     scalar = np.float32 if dtype == torch.float32 else np.float64
-    return scalar(beta), scalar(0.5), scalar(_CUTOFF)
+    unit = float(np.finfo(scalar).eps) / 2
+    return scalar(beta), scalar(0.5), scalar(_CUTOFF), scalar(SOFT_SKIP_T[dtype] / beta), unit
 
 
 class _Rasterize(torch.autograd.Function):
@@ -445,9 +933,27 @@ class _Rasterize(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = means2d.dtype
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        beta_s, half, cutoff, skip, unit = _scalars(dtype, beta)
         rects_np = numpy_view(rects.to(torch.int32))
+        means_np, conics_np, amps_np = numpy_view(means2d), numpy_view(conics), numpy_view(amplitudes)
+        with np.errstate(divide="ignore", invalid="ignore"):  # culled pairs may have a <= 0; never read
+            log_amps = np.log(amps_np)
         layout, tile_view, total_k = _layout(shapes, rects_np)
-        starts, items = _bin(rects_np, layout, len(tile_view))
+        # Binning, one view per worker: sizes first, then each view fills its own part of the arrays.
+        num_views = layout.shape[0]
+        sizes = np.empty((num_views, 2), np.int64)
+        run_parallel(_bin_sizes, (rects_np, layout), (sizes,), num_views)
+        bases = np.zeros((num_views + 1, 2), np.int64)
+        bases[1:] = np.cumsum(sizes, axis=0)
+        capacity, num_pairs = int(bases[-1, 0]), int(bases[-1, 1])
+        tile_range = np.empty((len(tile_view), 2), np.int64)
+        items, item_entry = np.empty(capacity, np.int32), np.empty(capacity, np.int32)
+        entry_origin = np.empty((capacity, 2), np.int32)
+        pair_values, pair_ints = np.empty((num_pairs, 8), np_dtype), np.empty((num_pairs, 6), np.int32)
+        pair_span = np.empty((num_pairs, 2), np.int64)
+        before = (means_np, conics_np, amps_np, log_amps, rects_np, layout, unit, bases)
+        after = (tile_range, items, item_entry, entry_origin, pair_values, pair_ints, pair_span)
+        run_parallel(_bin, before, after, num_views)
         # Pixel coordinates along both kernel axes: lanes (up to the padded stride) and rows (which, in a
         # transposed layout, run along the image's width and can exceed the stride).
         coords = np.arange(int(max(layout[:, _STRIDE].max(), layout[:, _ROWS].max())) + LANES, dtype=np_dtype)
@@ -455,16 +961,24 @@ class _Rasterize(torch.autograd.Function):
         image = torch.empty(pixel_offsets(shapes)[-1], dtype=dtype)
         # Every element, padding included, is written by ``_forward``.
         out_k = np.empty(total_k, np_dtype)
-        peak_k = np.empty(total_k if soft else 0, np_dtype)
-        inv_norm_k = np.empty(total_k if soft else 0, np_dtype)
+        peak_k, inv_norm_k, floor_k = (np.empty(total_k if soft else 0, np_dtype) for _ in range(3))
         argmax_k = np.empty(0 if soft else total_k, np.int32)
+        tile_stats = np.empty((len(tile_view), len(_STAT_COLUMNS)), np.int64)
+        entry_bits = np.empty(capacity, np.uint32)
         before = (
-            numpy_view(means2d), numpy_view(conics), numpy_view(amplitudes), rects_np, layout, tile_view, starts, items, coords,
-            soft, *_scalars(dtype, beta),
+            pair_values, pair_ints, layout, tile_view, tile_range, items, coords, soft, EARLY_TERMINATION, beta_s, half,
+            cutoff, skip, int((tile_range[:, 1] - tile_range[:, 0]).max()),
         )  # fmt: skip
-        run_parallel(_forward, before, (image.numpy(), out_k, peak_k, inv_norm_k, argmax_k), len(tile_view))
+        after = (
+            item_entry, np.empty(capacity, np.uint32), entry_bits, image.numpy(), out_k, peak_k, inv_norm_k, floor_k,
+            argmax_k, tile_stats,
+        )  # fmt: skip
+        run_parallel(_forward, before, after, len(tile_view))
+        _LAST_STATISTICS.clear()
+        _LAST_STATISTICS.update({name: tile_stats[:, i] for i, name in enumerate(_STAT_COLUMNS)})
         ctx.save_for_backward(means2d, conics, amplitudes)
-        ctx.arrays = (rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k)
+        ctx.arrays = (pair_values, pair_ints, layout, coords, pair_span, entry_origin, entry_bits, out_k, peak_k,
+                      inv_norm_k, floor_k, argmax_k)  # fmt: skip
         ctx.soft, ctx.beta = soft, beta
         return image
 
@@ -472,16 +986,19 @@ class _Rasterize(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_image: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         means2d, conics, amplitudes = ctx.saved_tensors
-        rects_np, layout, coords, out_k, peak_k, inv_norm_k, argmax_k = ctx.arrays
+        pair_values, pair_ints, layout, coords, pair_span, entry_origin, entry_bits, *state = ctx.arrays
         dtype = means2d.dtype
-        grad_k = _to_kernel_layout(numpy_view(grad_image.to(dtype)), layout, out_k.shape[0])
-        grads = tuple(torch.empty(t.shape, dtype=dtype) for t in (means2d, conics, amplitudes))
-        before = (
-            numpy_view(means2d), numpy_view(conics), numpy_view(amplitudes), rects_np, layout, coords, ctx.soft,
-            *_scalars(dtype, ctx.beta),
-        )  # fmt: skip
-        after = (grad_k, out_k, peak_k, inv_norm_k, argmax_k, *(g.numpy() for g in grads))
-        run_parallel(_backward, before, after, means2d.shape[1])
+        beta_s, half, cutoff, _, _ = _scalars(dtype, ctx.beta)
+        grad_k = np.empty(state[0].shape[0], state[0].dtype)
+        run_parallel(_to_kernel_layout, (numpy_view(grad_image.to(dtype)), layout), (grad_k,), layout.shape[0])
+        # Culled pairs are not visited: their gradients stay zero.
+        grads = tuple(torch.zeros(t.shape, dtype=dtype) for t in (means2d, conics, amplitudes))
+        pair_rows = np.zeros(amplitudes.shape, np.int64)
+        before = (pair_values, pair_ints, layout, coords, pair_span, entry_origin, entry_bits, ctx.soft, beta_s, half,
+                  cutoff)  # fmt: skip
+        after = (grad_k, *state, *(g.numpy() for g in grads), pair_rows)
+        run_parallel(_backward, before, after, pair_ints.shape[0])
+        _LAST_STATISTICS["backward_rows"] = pair_rows
         return (*grads, None, None, None, None)
 
 

@@ -5,17 +5,23 @@ Pipeline, per call (gsplat-like, without depth):
 1. **Binning** (non-differentiable, from ``projection.rects``): a kernel counts
    the tiles each (view, Gaussian) pair overlaps, ``torch.cumsum`` turns the
    counts into slots, a second kernel writes one ``(tile key, pair id)`` entry
-   per overlap, ``torch.sort`` groups the entries by tile (stable, so the
-   order inside a tile, hence the float rounding, is reproducible) and
+   per overlap, ``torch.sort`` groups the entries by tile and, with
+   ``EARLY_TERMINATION``, orders each tile's entries by descending amplitude
+   (one sort of ``tile * pairs + amplitude rank`` keys; stable, so the order
+   inside a tile, hence the float rounding, is reproducible) and
    ``torch.searchsorted`` gives each tile its range.  Culled pairs count zero
    tiles; only the integer rectangles are read, so NaN or Inf parameters cannot
    corrupt the bins.
 2. **Forward** (one program per tile, ``BATCH`` Gaussians per step): online
    softmax (``soft``) or max + arg-max (``max``); stores the image plus, per
-   pixel, ``(m, S)`` or the arg-max pair id for the backward pass.
-3. **Backward** (one program per tile): recomputes ``g``, forms
-   ``dL/dg``, reduces the six parameter gradients over the tile's pixels in
-   registers and adds them with atomics into per-pair buffers.
+   pixel, ``(m, S)`` or the arg-max pair id for the backward pass.  With early
+   termination a tile stops before the first batch whose (largest) amplitude
+   cannot matter any more (``triton_kernels.forward_kernel``) and records how
+   many entries it evaluated.
+3. **Backward** (one program per tile): recomputes ``g`` for the entries the
+   forward evaluated, forms ``dL/dg``, reduces the six parameter gradients over
+   the tile's pixels in registers and adds them with atomics into per-pair
+   buffers.
 
 Pixels of all views share one flat buffer (row-major per view, views one after
 the other, as ``raster_torch.pixel_offsets``); tiles never straddle views.
@@ -29,7 +35,8 @@ sync, when the caller chooses) whether that happened.
 
 Everything runs in float32; inputs of other dtypes are cast (differentiably).
 Hard-mode ties (two Gaussians with bit-identical values at a pixel) send the
-whole gradient to the larger pair id, where the reference splits it evenly.
+whole gradient to one of them (the larger pair id within a batch, the earlier
+batch across batches), where the reference splits it evenly.
 """
 
 from __future__ import annotations
@@ -41,13 +48,16 @@ from typing import Any
 
 import torch
 
-from .project import CUTOFF_SIGMA, DEFAULT_BETA, Projection
+from .project import CUTOFF_SIGMA, DEFAULT_BETA, SOFT_SKIP_T, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
 TILE = 8
 """Default tile side in pixels (must be a power of two)."""
 BATCH = 32
 """Default Gaussians per inner-loop step (must be a power of two)."""
+EARLY_TERMINATION = True
+"""Amplitude-ordered tiles that stop early (see the module docstring); ``False`` evaluates every entry, as
+before this was added (for benchmarks and tests; results differ by the bound of ``project.SOFT_SKIP_T``)."""
 
 _KERNELS: ModuleType | None = None
 _LAYOUTS: dict[tuple, _Layout] = {}
@@ -130,15 +140,25 @@ class Binning:
         int64 scalar tensor (on the device): intersections the scene needs.
     capacity
         Length of the intersection buffer (``needed`` when sized exactly).
+    visited
+        [T] int32, set by the forward kernel: entries each tile evaluated (all of
+        them without early termination).
     """
 
     ranges: torch.Tensor
     ids: torch.Tensor
     needed: torch.Tensor
     capacity: int
+    visited: torch.Tensor | None = None
 
 
-def bin_gaussians(rects: torch.Tensor, layout: _Layout, tile: int, capacity: int | None = None) -> Binning:
+def bin_gaussians(
+    rects: torch.Tensor,
+    layout: _Layout,
+    tile: int,
+    capacity: int | None = None,
+    amplitudes: torch.Tensor | None = None,
+) -> Binning:
     """Group the (view, Gaussian) pairs by the tiles their rectangles overlap.
 
     Parameters
@@ -152,6 +172,9 @@ def bin_gaussians(rects: torch.Tensor, layout: _Layout, tile: int, capacity: int
     capacity
         Fixed number of intersection slots (no host sync, static shapes); ``None``
         sizes the buffer exactly, which reads the total back to the host once.
+    amplitudes
+        [V, K] peak values: each tile's entries in descending amplitude (ties by
+        pair id); ``None`` keeps pair-id order.
     """
     k = kernels()
     device = rects.device
@@ -195,9 +218,18 @@ def bin_gaussians(rects: torch.Tensor, layout: _Layout, tile: int, capacity: int
                 BLOCK=k.BLOCK,
                 **k.BINNING_OPTIONS,
             )
+    bounds = layout.tile_keys
+    if amplitudes is not None and num_pairs > 0:
+        # Key tile * pairs + rank of the amplitude (descending): one sort groups by tile and orders each tile.
+        # Unused slots (key = number of tiles) still sort past every tile.
+        ranking = torch.argsort(amplitudes.detach().reshape(-1), descending=True, stable=True)
+        rank = torch.empty_like(ranking)
+        rank[ranking] = torch.arange(num_pairs, device=device)
+        keys = keys.to(torch.int64) * num_pairs + rank[ids.to(torch.int64)]
+        bounds = bounds.to(torch.int64) * num_pairs
     sorted_keys, order = torch.sort(keys, stable=True)
     ids = ids[order]
-    ranges = torch.searchsorted(sorted_keys, layout.tile_keys)
+    ranges = torch.searchsorted(sorted_keys, bounds)
     return Binning(ranges, ids, needed, size)
 
 
@@ -216,6 +248,7 @@ class _Settings:
     tile: int
     batch: int
     options: dict[str, Any]
+    early: bool = True
 
 
 class _RasterizeFunction(torch.autograd.Function):
@@ -258,6 +291,8 @@ class _RasterizeFunction(torch.autograd.Function):
         else:
             peak = norm = torch.empty(1, dtype=torch.float32, device=device)
             argmax = torch.empty(pixels, dtype=torch.int32, device=device)
+        visited = torch.empty(max(layout.num_tiles, 1), dtype=torch.int32, device=device)
+        binning.visited = visited[: layout.num_tiles]
         k.forward_kernel[(layout.num_tiles,)](
             params,
             layout.tile_info,
@@ -267,15 +302,18 @@ class _RasterizeFunction(torch.autograd.Function):
             peak,
             norm,
             argmax,
+            visited,
             float(beta),
             float(CUTOFF_SIGMA**2),
+            SOFT_SKIP_T[torch.float32] / float(beta),
+            int(settings.early),
             MODE=code,
             TILE=settings.tile,
             BATCH=settings.batch,
             **settings.options,
         )
         ctx.save_for_backward(out)
-        ctx.state = (params, ids, peak, norm, argmax, layout, binning, code, float(beta), settings, num_pairs)
+        ctx.state = (params, ids, peak, norm, argmax, visited, layout, binning, code, float(beta), settings, num_pairs)
         ctx.shapes = (means2d.shape, conics.shape, amplitudes.shape)
         return out
 
@@ -283,7 +321,7 @@ class _RasterizeFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (out,) = ctx.saved_tensors
-        params, ids, peak, norm, argmax, layout, binning, code, beta, settings, num_pairs = ctx.state
+        params, ids, peak, norm, argmax, visited, layout, binning, code, beta, settings, num_pairs = ctx.state
         k = kernels()
         grads = torch.zeros(max(num_pairs, 1), k.GRAD_COLUMNS, dtype=torch.float32, device=out.device)
         if any(ctx.needs_input_grad[:3]):
@@ -296,6 +334,7 @@ class _RasterizeFunction(torch.autograd.Function):
                 peak,
                 norm,
                 argmax,
+                visited,
                 grad_out.to(torch.float32).contiguous(),
                 grads,
                 beta,
@@ -337,7 +376,8 @@ class TritonRasterizer:
         Warps per raster program; ``None`` picks about 8 pixel-Gaussian elements per thread.
     last_binning
         Binning of the latest call; ``last_binning.needed`` is the intersection
-        count on the device, for :meth:`check_capacity`.
+        count on the device, for :meth:`check_capacity`, and ``last_binning.visited``
+        the entries each tile evaluated (early termination), for tests and benchmarks.
     """
 
     tile: int = TILE
@@ -361,9 +401,12 @@ class TritonRasterizer:
         dtype = projection.means2d.dtype
         device = projection.means2d.device
         layout = _layout(projection.shapes, self.tile, device)
-        binning = bin_gaussians(projection.rects, layout, self.tile, self.capacity)
+        early = EARLY_TERMINATION
+        amplitudes = projection.amplitudes if early else None
+        binning = bin_gaussians(projection.rects, layout, self.tile, self.capacity, amplitudes)
         self.last_binning = binning
-        settings = _Settings(self.tile, self.batch, kernels().launch_options(self.tile, self.batch, self.num_warps))
+        options = kernels().launch_options(self.tile, self.batch, self.num_warps)
+        settings = _Settings(self.tile, self.batch, options, early)
         flat = _RasterizeFunction.apply(
             projection.means2d.to(torch.float32),
             projection.conics.to(torch.float32),

@@ -18,7 +18,10 @@ Data layouts shared with ``raster_triton.py``:
 * ``view_info`` [V, 4] int32 ``(width, height, tiles_x, first_tile)``.
 * ``tile_info`` [T, 5] int32 ``(x0, y0, width, height, pixel_offset)`` of each
   tile: pixel origin of the tile, size and flat offset of its view.
-* ``ranges`` [T + 1] int64: tile ``t`` owns ``ids[ranges[t]:ranges[t + 1]]``.
+* ``ranges`` [T + 1] int64: tile ``t`` owns ``ids[ranges[t]:ranges[t + 1]]``, in
+  descending amplitude when early termination is on (``raster_triton.bin_gaussians``).
+* ``visited`` [T] int32: entries of each tile the forward kernel evaluated
+  before it stopped (early termination); the backward kernel evaluates the same.
 
 :func:`kernel_specs` lists every kernel with its compile signature so that the
 ahead-of-time compile test and the launches cannot drift apart.
@@ -80,9 +83,10 @@ def _interpretable(function: Any) -> Any:
     return function
 
 
-# The kernels reduce through these aliases, never through tl.sum / tl.max directly.
+# The kernels reduce through these aliases, never through tl.sum / tl.max / tl.min directly.
 _sum = _interpretable(tl.sum)
 _max = _interpretable(tl.max)
+_min = _interpretable(tl.min)
 
 
 @triton.jit
@@ -211,7 +215,8 @@ def _gaussian_batch(params_ptr, ids_ptr, start, end, fx, fy, inside, cutoff2, BA
     return gid, valid, dx, dy, e, g, hit, ca, cb, cc
 
 
-@triton.jit
+# ``early`` is 0 or 1: no value specialisation, so both share one compiled variant.
+@triton.jit(do_not_specialize=["early"])
 def forward_kernel(
     params_ptr,
     tiles_ptr,
@@ -221,8 +226,11 @@ def forward_kernel(
     peak_ptr,
     norm_ptr,
     argmax_ptr,
+    visited_ptr,
     beta,
     cutoff2,
+    skip,
+    early,
     MODE: tl.constexpr,
     TILE: tl.constexpr,
     BATCH: tl.constexpr,
@@ -233,6 +241,14 @@ def forward_kernel(
     and ``W = sum g exp(beta (g - m))``, rescaling both when ``m`` grows; it stores
     ``out = W / S`` plus ``m`` and ``S`` for the backward pass.  Hard mode stores
     ``max g`` and the pair id of the maximum (-1 where nothing is hit).
+
+    Early termination (``early != 0``; the tile's entries in descending amplitude):
+    before each batch, the tile stops when the batch's first amplitude, the
+    largest of all that remain, cannot matter at any pixel of the tile: hard
+    mode, not above every pixel's maximum (exact); soft mode, below every
+    pixel's running maximum minus ``skip`` = ``T / beta`` (each pair left out
+    then weighs less than ``e^-T``: the bound of ``docs/math.md``).  The entries
+    evaluated are stored in ``visited`` for the backward pass.
     """
     tile = tl.program_id(0)
     fx, fy, inside, pixel = _tile_pixels(tiles_ptr, tile, TILE)
@@ -242,7 +258,9 @@ def forward_kernel(
     norm = tl.full([TILE * TILE], 0.0, tl.float32)
     acc = tl.full([TILE * TILE], 0.0, tl.float32)
     best = tl.full([TILE * TILE], -1, tl.int32)
-    for start in range(first, last, BATCH):
+    start = first
+    going = start < last
+    while going:
         gid, _valid, _dx, _dy, _e, g, hit, _ca, _cb, _cc = _gaussian_batch(
             params_ptr, ids_ptr, start, last, fx, fy, inside, cutoff2, BATCH
         )
@@ -265,6 +283,18 @@ def forward_kernel(
             better = batch_peak > peak
             best = tl.where(better, batch_best, best)
             peak = tl.where(better, batch_peak, peak)
+        start += BATCH
+        more = start < last
+        # The largest amplitude left (column 5 of the next entry's parameters) against the tile's floor.
+        following = tl.load(ids_ptr + start, mask=more, other=0)
+        amplitude = tl.load(params_ptr + following.to(tl.int64) * 10 + 5, mask=more, other=0.0)
+        lowest = _min(tl.where(inside, peak, float("inf")), axis=0)
+        if MODE == 0:
+            needed = amplitude >= lowest - skip
+        else:
+            needed = amplitude > lowest
+        going = more & ((early == 0) | needed)
+    tl.store(visited_ptr + tile, (tl.minimum(start, last) - first).to(tl.int32))
     if MODE == 0:
         result = tl.where(norm > 0, acc / tl.where(norm > 0, norm, 1.0), 0.0)
         tl.store(peak_ptr + pixel, peak, mask=inside)
@@ -285,6 +315,7 @@ def backward_kernel(
     peak_ptr,
     norm_ptr,
     argmax_ptr,
+    visited_ptr,
     grad_out_ptr,
     grad_params_ptr,
     beta,
@@ -299,12 +330,13 @@ def backward_kernel(
     ``s_k = exp(beta (g_k - m)) / S`` (soft), or ``dL/dout`` for the arg-max only
     (hard).  Per-pair sums over the tile's pixels are formed in registers and
     added with one atomic per parameter, and only for pairs that received a
-    non-zero gradient.
+    non-zero gradient.  Only the entries the forward kernel evaluated
+    (``visited``) take part, as in the forward value.
     """
     tile = tl.program_id(0)
     fx, fy, inside, pixel = _tile_pixels(tiles_ptr, tile, TILE)
     first = tl.load(ranges_ptr + tile)
-    last = tl.load(ranges_ptr + tile + 1)
+    last = first + tl.load(visited_ptr + tile).to(tl.int64)
     dout = tl.load(grad_out_ptr + pixel, mask=inside, other=0.0)
     if MODE == 0:
         peak = tl.load(peak_ptr + pixel, mask=inside, other=0.0)
@@ -445,15 +477,17 @@ def kernel_specs(
         "peak_ptr": "*fp32",
         "norm_ptr": "*fp32",
         "argmax_ptr": "*i32",
+        "visited_ptr": "*i32",
     }
     constants = {"TILE": tile, "BATCH": batch}
     tail = {"beta": "fp32", "cutoff2": "fp32", "MODE": "constexpr", "TILE": "constexpr", "BATCH": "constexpr"}
+    termination = {"skip": "fp32", "early": "i32"}
     for mode, code in MODE_CODES.items():
         specs.append(
             KernelSpec(
                 f"forward_kernel[{mode}]",
                 forward_kernel,
-                {**raster, **tail},
+                {**raster, "beta": "fp32", "cutoff2": "fp32", **termination, **tail},
                 {**constants, "MODE": code},
                 launch_options(tile, batch, num_warps),
             )
