@@ -614,7 +614,7 @@ def _forward(
                         taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor[row + ul])
                         q_row[ul] = q
                         taken_row[ul] = taken
-                        taken_count += taken_row[ul]
+                        taken_count += np.uint64(taken)
                     if taken_count == 0:
                         skipped += 1
                         continue
@@ -777,7 +777,9 @@ def _pair_row(
             taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor_k[p])
             e_q = exp(-half * min(q, cutoff))  # clamped as in ``_forward``: no subnormals
             g = amp * e_q
-            s = exp(beta * (g - peak_k[p])) * inv_norm_k[p]
+            # Masked lanes take exp(0): far below the peak their exp(beta (g - m)) / S can be subnormal, and
+            # subnormal arithmetic is slow even when the result is then discarded.
+            s = exp(beta * (g - peak_k[p]) if taken else zero) * inv_norm_k[p]
             dg = grad_k[p] * s * (one + beta * (g - out_k[p]))
             _accumulate(acc, ul, dg if taken else zero, e_q, g, dx, dy, half)
     else:
