@@ -326,6 +326,13 @@ def run_child(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_with_empty_cache(code: str, check: bool) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` with an empty numba cache directory (every kernel compiles afresh)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=check)
+
+
 def cold_first_call(args: argparse.Namespace) -> float:
     """Seconds of the first cpu-backend call (float32, forward + backward) with an empty numba cache."""
     code = (
@@ -337,10 +344,7 @@ def cold_first_call(args: argparse.Namespace) -> float:
         "sum(i.sum() for i in raster_cpu.rasterize(p, 'soft', 50.0)).backward();"
         "print(time.perf_counter() - t)"
     )
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    return float(run_with_empty_cache(code, check=True).stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- time to PSNR on the sample
@@ -439,9 +443,7 @@ def print_vector_instructions() -> None:
         "        print(f'{module.__name__.rsplit(\".\", 1)[-1]}.{name}: {len(lines)} instructions, {packed} on ymm/zmm, '\n"
         "              f'{scalar} scalar float')\n"
     )
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = run_with_empty_cache(code, check=False)
     print(done.stdout.strip() or done.stderr[-3000:])
 
 

@@ -108,14 +108,21 @@ def cpu_run(raster_cpu, projection: Projection, mode: str, early: bool):
         raster_cpu.EARLY_TERMINATION = True
 
 
+def cpu_on_and_off(raster_cpu, dtype: torch.dtype, mode: str, counter: str):
+    """The scene rendered with early termination on and off; checks that off visits every Gaussian binned in a
+    tile and on visits under a quarter of them (``counter``: the pass that stops)."""
+    projection = bright_over_faint(400, 48, dtype)
+    on = cpu_run(raster_cpu, projection, mode, early=True)
+    off = cpu_run(raster_cpu, projection, mode, early=False)
+    assert (off[2][counter] == off[2]["tile_gaussians"]).all()
+    assert on[2][counter].sum() * 4 < on[2]["tile_gaussians"].sum(), on[2]
+    return projection, on, off
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_hard_mip_stops_early_and_changes_nothing(cpu, dtype: torch.dtype) -> None:
-    projection = bright_over_faint(400, 48, dtype)
-    image, grads, stats = cpu_run(cpu, projection, "max", early=True)
-    full_image, full_grads, full_stats = cpu_run(cpu, projection, "max", early=False)
     # Work: pass 1 visits a few Gaussians per tile instead of every one binned there.
-    assert (full_stats["pass1_visited"] == full_stats["tile_gaussians"]).all()
-    assert stats["pass1_visited"].sum() * 4 < stats["tile_gaussians"].sum(), stats
+    _, (image, grads, stats), (full_image, full_grads, _) = cpu_on_and_off(cpu, dtype, "max", "pass1_visited")
     # Only the bright Gaussian is anyone's arg-max: the backward pass visits no faint one.
     assert stats["backward_rows"][0, 1:].sum() == 0
     # Values: exact.
@@ -126,11 +133,9 @@ def test_cpu_hard_mip_stops_early_and_changes_nothing(cpu, dtype: torch.dtype) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_soft_mip_skips_within_the_bound(cpu, dtype: torch.dtype) -> None:
-    projection = bright_over_faint(400, 48, dtype)
-    image, grads, stats = cpu_run(cpu, projection, "soft", early=True)
-    full_image, full_grads, full_stats = cpu_run(cpu, projection, "soft", early=False)
-    assert (full_stats["pass2_visited"] == full_stats["tile_gaussians"]).all()
-    assert stats["pass2_visited"].sum() * 4 < stats["tile_gaussians"].sum(), stats
+    projection, (image, grads, stats), (full_image, full_grads, full_stats) = cpu_on_and_off(
+        cpu, dtype, "soft", "pass2_visited"
+    )
     assert stats["backward_rows"].sum() * 4 < full_stats["backward_rows"].sum()
     # Values: the skipped pairs move a pixel by at most n e^-T m (plus rounding of the dtype).
     rounding = 8 * torch.finfo(dtype).eps
