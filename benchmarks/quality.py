@@ -41,7 +41,7 @@ from datasets import DatasetUnavailableError, nuclei, swc_neuron
 from pictures import comparison_row, save_rows
 
 from napari_neurogs_mip.frames import Frame, VolumeGeometry
-from napari_neurogs_mip.metrics import foreground_mask, format_table, score
+from napari_neurogs_mip.metrics import format_table, score
 from napari_neurogs_mip.prepare import FitInputs, prepare_fit
 from napari_neurogs_mip.render import Renderer
 from napari_neurogs_mip.sample import synthetic_sample
@@ -161,10 +161,11 @@ def run(dataset: Dataset, variant: Variant, iterations: int, pictures: Path | No
         prepared.targets.low,
         prepared.targets.high,
         view_lows=[*prepared.targets.view_lows, *prepared.eval_targets.view_lows],
+        levels=[*prepared.targets.foreground_levels(), *prepared.eval_targets.foreground_levels()],
     )
     # The foreground is that of the fitted (noisy) targets: a noise-free image's background level cannot be
     # estimated from its pixels (blur tails look like noise), and the data define what counts as structure.
-    foregrounds = [foreground_mask(image, dilate=0) for image in everything.images]
+    foregrounds = everything.foregrounds()
     clean = clean_targets(dataset, everything)
     if clean is not None:
         print("against the noise-free volume's MIPs:")

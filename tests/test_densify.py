@@ -77,6 +77,25 @@ def test_spawn_positions_of_axis_views_are_the_target_volumes_argmax_depth():
     assert float(torch.exp(new.log_amplitudes).max()) <= 1.0 + 1e-6
 
 
+def test_spawn_skips_isolated_noise_spikes_but_not_structure():
+    """Within the targets' foreground, a lone noise spike above the level asks for no Gaussian; a neurite does."""
+    volume = np.zeros(GEOMETRY.shape_zyx, np.float32)
+    volume[6, 20, 5:35] = 1.0  # a neurite along x
+    volume[3, 5, 5] = 0.03  # one voxel of noise: above the level (0.02 here), alone in every view
+    targets = targets_from_volume(volume, GEOMETRY, ["xy", "xz", "yz"])
+    empty = [torch.zeros_like(t) for t in targets.tensors("cpu")]
+    masks = [torch.as_tensor(f) for f in targets.foregrounds()]
+    levels = targets.foreground_levels()
+    assert targets.images[0][5, 5] > levels[0]
+    spike = np.array([5.0, 5.0, 3.0]) * GEOMETRY.spacing_xyz
+    without = spawn(targets, targets.tensors("cpu"), empty, levels, limit=10_000)
+    assert np.isclose(without.means.numpy(), spike).all(axis=1).any()  # the threshold alone spawns on it
+    new = spawn(targets, targets.tensors("cpu"), empty, levels, limit=10_000, foregrounds=masks)
+    assert not np.isclose(new.means.numpy(), spike).all(axis=1).any()
+    on_neurite = np.isclose(new.means.numpy()[:, 1:], [20.0, 12.0]).all(axis=1)  # y 20, z 6 x 2 um
+    assert on_neurite.sum() >= 5
+
+
 def test_spawn_from_mips_alone_finds_a_point_bright_in_all_three_views():
     volume = np.zeros(GEOMETRY.shape_zyx, np.float32)
     volume[7, 30, 11] = 1.0

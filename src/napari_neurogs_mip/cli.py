@@ -700,7 +700,8 @@ def _eval(args: argparse.Namespace) -> int:
                            volume_dtype=read.data.dtype, resolution=_resolution(args))  # fmt: skip
     targets = targets_for_views(read.data, geometry, views, normalization, lows)
     images = _render_views(args, checkpoint, geometry, targets.views)
-    scores = {v.name: score(i, t) for v, i, t in zip(targets.views, images, targets.tensors("cpu"))}
+    pairs = zip(targets.views, images, targets.tensors("cpu"), targets.foregrounds())
+    scores = {v.name: score(i, t, f) for v, i, t, f in pairs}
     print(format_table(scores, [v.name for v in held]))
     return 0
 

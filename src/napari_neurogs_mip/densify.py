@@ -252,18 +252,24 @@ def _cell_maxima(residual: torch.Tensor, wanted: torch.Tensor, cell: int) -> tup
 
 
 def residual_pixels(
-    target: torch.Tensor, rendered: torch.Tensor, level: float, cell: int = SPAWN_CELL
+    target: torch.Tensor,
+    rendered: torch.Tensor,
+    level: float,
+    cell: int = SPAWN_CELL,
+    foreground: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixels that ask for a new Gaussian: rows, columns and residuals (largest first).
 
-    A pixel asks when the target is above ``level`` (its view's background level)
-    and the render falls short of it by more than ``RESIDUAL_SHARE`` of the
-    target and by more than ``level`` (a shortfall that noise alone would not
-    give: on noisy stacks, spawning on smaller ones fitted the noise of the
-    long-ray views); of each ``cell x cell`` block only the largest residual is kept.
+    A pixel asks when it is foreground (``foreground``, e.g. :meth:`.targets.Targets.foregrounds`:
+    above ``level``, its view's background level, and not an isolated noise spike; default: above
+    ``level``) and the render falls short of the target by more than ``RESIDUAL_SHARE`` of it and by
+    more than ``level`` (a shortfall that noise alone would not give: on noisy stacks, spawning on
+    smaller ones fitted the noise of the long-ray views); of each ``cell x cell`` block only the
+    largest residual is kept.
     """
     residual = target - rendered
-    wanted = (target > level) & (residual > RESIDUAL_SHARE * target) & (residual > level)
+    structure = target > level if foreground is None else foreground
+    wanted = structure & (residual > RESIDUAL_SHARE * target) & (residual > level)
     rows, cols = _cell_maxima(residual, wanted, cell)
     values = residual[rows, cols]
     order = torch.argsort(values, descending=True, stable=True)
@@ -344,12 +350,13 @@ def spawn(
     rendered: list[torch.Tensor],
     levels: list[float],
     limit: int,
+    foregrounds: list[torch.Tensor] | None = None,
 ) -> NewGaussians:
     """Up to ``limit`` Gaussians where the targets are brighter than the render.
 
-    Each sits at the back-projected peak of its pixel, is as wide as half a voxel
-    (or half the view's pixel where the views are coarser), round, and as bright
-    as the target pixel.
+    Each sits at the back-projected peak of its pixel (a :func:`residual_pixels` pixel, within
+    ``foregrounds`` when given), is as wide as half a voxel (or half the view's pixel where the views
+    are coarser), round, and as bright as the target pixel.
     """
     if limit <= 0:
         return NewGaussians.empty()
@@ -359,8 +366,10 @@ def spawn(
     values: list[np.ndarray] = []
     scales: list[np.ndarray] = []
     if targets.peaks is not None:
-        for view, peaks, target, image, level in zip(targets.views, targets.peaks, target_images, rendered, levels):
-            rows, cols, _ = residual_pixels(target, image, level)
+        masks = foregrounds if foregrounds is not None else [None] * len(levels)
+        views = zip(targets.views, targets.peaks, target_images, rendered, levels, masks)
+        for view, peaks, target, image, level, mask in views:
+            rows, cols, _ = residual_pixels(target, image, level, foreground=mask)
             r, c = rows.cpu().numpy(), cols.cpu().numpy()
             points.append(np.asarray(peaks)[r, c].astype(np.float64))
             values.append(target[rows, cols].cpu().numpy().astype(np.float64))

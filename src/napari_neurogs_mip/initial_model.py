@@ -149,9 +149,8 @@ def init_from_mips(targets: Targets, num_gaussians: int | None, budget: int = 60
     candidate, within half the budget.
     """
     from .densify import consistent_points
-    from .metrics import foreground_level
 
-    levels = [foreground_level(image) for image in targets.images]
+    levels = targets.foreground_levels()
     points, values, depth = consistent_points(targets.views, targets.images, levels)
     if len(points) == 0:
         raise ValueError("no point is bright in all three axis MIPs; nothing to place Gaussians on")

@@ -231,7 +231,7 @@ def _level(values: np.ndarray, k: float, floor: float) -> tuple[float, float]:
     return max(centre + k * sigma, max(centre, minimum) + floor), centre
 
 
-def foreground_mask(target: np.ndarray | torch.Tensor, dilate: int = 2) -> np.ndarray:
+def foreground_mask(target: np.ndarray | torch.Tensor, dilate: int = 2, level: float | None = None) -> np.ndarray:
     """Pixels of ``target`` above :func:`foreground_level`, without isolated noise, optionally dilated.
 
     A pixel above the level with no 8-neighbour above it counts only if it is twice as far above the
@@ -248,6 +248,10 @@ def foreground_mask(target: np.ndarray | torch.Tensor, dilate: int = 2) -> np.nd
     dilate
         Radius in pixels of the disk (``row**2 + col**2 <= dilate**2``) the foreground is dilated with;
         0 for none.
+    level
+        The foreground level if known (e.g. :meth:`.targets.Targets.foreground_levels`, estimated on the
+        raw MIP before normalisation clipped its background); by default :func:`foreground_level` of
+        ``target``, with the background at 0.
 
     Returns
     -------
@@ -264,12 +268,13 @@ def foreground_mask(target: np.ndarray | torch.Tensor, dilate: int = 2) -> np.nd
     image = _as_numpy(target)
     if image.ndim != 2:
         raise ValueError(f"foreground_mask needs an [H, W] image, got shape {image.shape}")
-    return _dilated(_foreground(image), int(dilate))
+    return _dilated(_foreground(image, level), int(dilate))
 
 
-def _foreground(image: np.ndarray) -> np.ndarray:
+def _foreground(image: np.ndarray, level: float | None = None) -> np.ndarray:
     """Undilated :func:`foreground_mask` of a float64 [H, W] image."""
-    level, centre = _level(image, FOREGROUND_K, FOREGROUND_FLOOR)
+    # A given level belongs to a normalised target, whose background sits at 0.
+    level, centre = _level(image, FOREGROUND_K, FOREGROUND_FLOOR) if level is None else (level, 0.0)
     above = image > level  # NaN pixels compare False
     ring = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], np.uint8)
     neighbours = ndimage.convolve(above.astype(np.uint8), ring, mode="constant", cval=0)

@@ -42,7 +42,7 @@ from .frames import Frame
 from .io.checkpoint import Checkpoint, save_checkpoint
 from .io.run_folder import FINAL_NAME, checkpoint_name
 from .losses import SSIM_WINDOW, LossWeights, mip_loss
-from .metrics import foreground_level, score
+from .metrics import score
 from .model import GaussianModel
 from .render import BACKENDS, DEFAULT_BETA, MODES, Renderer
 from .render.field import check_field_views
@@ -269,7 +269,9 @@ class Trainer:
             saved = checkpoint.metadata.get("config")
             self.resume_changes = _changed_settings(saved if isinstance(saved, dict) else {}, config)
         # Each view's background level: density control only spawns on pixels above it.
-        self._levels = [foreground_level(image) for image in targets.images]
+        self._levels = targets.foreground_levels()
+        self._foregrounds = targets.foregrounds()
+        self._eval_foregrounds = eval_targets.foregrounds() if eval_targets is not None else []
         self._pixel = float(np.min(geometry.spacing_xyz))
         for group in self.optimizer.param_groups:
             # A resumed state carries the old run's rates: the rates of this config replace them.
@@ -426,15 +428,14 @@ class Trainer:
         ``images`` are renders of the training views (default: rendered now); held-out views are rendered here.
         """
         images = images if images is not None else self.render()
-        scores = {
-            view.name: score(image, target)
-            for view, image, target in zip(self.targets.views, images, self._target_tensors)
-        }
+        trained = zip(self.targets.views, images, self._target_tensors, self._foregrounds)
+        scores = {view.name: score(image, target, fg) for view, image, target, fg in trained}
         if self.eval_targets is not None:
             with torch.no_grad():
                 held = self.renderer.render(self.model, self.eval_targets.views)
-            for view, image, target in zip(self.eval_targets.views, held, self.eval_targets.tensors(self.device)):
-                scores[view.name] = score(image, target)
+            targets = self.eval_targets.tensors(self.device)
+            for view, image, target, fg in zip(self.eval_targets.views, held, targets, self._eval_foregrounds):
+                scores[view.name] = score(image, target, fg)
         return scores
 
     def _all_views(self) -> list[View]:
@@ -490,7 +491,8 @@ class Trainer:
     def _densify(self, rendered: list[torch.Tensor]) -> DensityChange:
         """Spawn, clone, split and prune (see :mod:`.densify`); the optimiser state follows the rows."""
         wins = win_counts(self.model, self.targets.views, self.config.eps)
-        new = spawn(self.targets, self._target_tensors, rendered, self._levels, self.budget)
+        masks = [torch.as_tensor(f, device=self.device) for f in self._foregrounds]
+        new = spawn(self.targets, self._target_tensors, rendered, self._levels, self.budget, masks)
         split_scale = 1.5 * float(np.max(self.targets.geometry.spacing_xyz))
         change = plan_change(self._params, self.density, wins, new, self.budget, split_scale)
         self._resize(change.keep, change.added)
