@@ -39,7 +39,7 @@ import torch
 from .densify import DensityChange, DensityStats, NewGaussians, plan_change, spawn, win_counts
 from .device import DEVICES, resolve_device, torch_threads
 from .frames import Frame
-from .io.checkpoint import Checkpoint, save_checkpoint
+from .io.checkpoint import Checkpoint, check_optimizer_state, save_checkpoint
 from .io.run_folder import FINAL_NAME, checkpoint_name
 from .losses import SSIM_WINDOW, LossWeights, mip_loss
 from .metrics import score
@@ -294,23 +294,8 @@ class Trainer:
 
     def _load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Load a resumed Adam state after checking that it belongs to this model (one group per parameter
-        tensor, moments shaped like it); ``ValueError`` names what does not match."""
-        groups = state.get("param_groups") if isinstance(state, dict) else None
-        moments = state.get("state") if isinstance(state, dict) else None
-        if not isinstance(groups, list) or not isinstance(moments, dict):
-            raise ValueError("the checkpoint's optimiser state lacks 'param_groups' or 'state'")
-        names = [g.get("name") for g in self.optimizer.param_groups]
-        if len(groups) != len(names):
-            raise ValueError(f"the checkpoint's optimiser state has {len(groups)} parameter groups, expected {names}")
-        for index, (group, name) in enumerate(zip(groups, names)):
-            shape = tuple(self._params[name].shape)
-            for ref in group.get("params", []):
-                for key, value in moments.get(ref, {}).items():
-                    if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != shape:
-                        raise ValueError(
-                            f"the checkpoint's optimiser state does not match its model: group {index} ({name}) "
-                            f"{key} has shape {tuple(value.shape)}, the parameter {shape}"
-                        )
+        tensor, moments shaped like it; :func:`.io.checkpoint.check_optimizer_state`)."""
+        check_optimizer_state(state, self.model)
         self.optimizer.load_state_dict(state)
 
     # ----------------------------------------------------------------- control

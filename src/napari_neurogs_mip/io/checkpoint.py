@@ -475,6 +475,21 @@ _ADAM_SETTINGS = {
 """Adam settings a parameter group may hold: (check, what is expected)."""
 
 
+def check_optimizer_state(state: Any, fit_model: GaussianModel, source: str = "the checkpoint") -> None:
+    """Check an Adam state (``optimizer_state_dict``) against the model it resumes, as :func:`load_checkpoint`
+    does for a file; for states built in memory.
+
+    Raises
+    ------
+    CheckpointError
+        Naming ``source``, the key and what was expected.
+    """
+    try:
+        _check_optimizer(state, fit_model)
+    except _MalformedError as error:
+        raise CheckpointError(f"{source}: {error.key} is {_describe(error.value)}; expected {error.expected}") from None
+
+
 def _check_optimizer(state: Any, fit_model: GaussianModel) -> None:
     """Adam state as the trainer saves it: one group per parameter, in :data:`PARAMETER_NAMES` order, each with
     one parameter whose moments (if any) have its shape."""
