@@ -747,7 +747,7 @@ def _info(args: argparse.Namespace) -> int:
 def _describe_channels(path: Path, time: int | None) -> bool:
     """Print every channel of a multi-channel TIFF (at ``time``, default the first); ``False`` when the file has
     at most one channel or is not a TIFF volume."""
-    from .io.tiff import read_metadata, read_volume
+    from .io.tiff import read_channels, read_metadata
 
     try:
         meta = read_metadata(path)
@@ -763,8 +763,7 @@ def _describe_channels(path: Path, time: int | None) -> bool:
     if times > 1:
         print(f"time point {shown} of {times} (0-based; choose another with --time)")
     print(f"spacing (z, y, x): {meta.spacing_zyx} ({meta.spacing_source})")
-    for channel in range(channels):
-        data = read_volume(path, channel, shown).data
+    for channel, data in enumerate(read_channels(path, channels, shown)):
         print(f"  channel {channel}: volume (Z, Y, X) {data.shape}, range [{data.min():.4g}, {data.max():.4g}], "
               f"mean {data.mean():.4g}")  # fmt: skip
     return True

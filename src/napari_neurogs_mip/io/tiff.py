@@ -190,9 +190,7 @@ def read_volume(
         without that axis, an index out of range, or NaN/Inf voxels (the message names the file).
     """
     path = Path(path)
-    with _open(path) as tif:
-        series, axes, spacing, source = _header(tif)
-        data = np.asarray(series.asarray())
+    data, axes, spacing, source = _read_series(path)
     data, axes_left = _select(path, data, axes, channel, time)
     if data.ndim != 3:
         raise ValueError(
@@ -205,6 +203,23 @@ def read_volume(
         data = data.astype(np.float32, copy=False)
     _check_finite(path, data, "the volume", "voxels")
     return VolumeFile(data, spacing, source, axes)
+
+
+def read_channels(path: str | os.PathLike, count: int, time: int | None = None) -> list[np.ndarray]:
+    """Every one of the ``count`` channels of a TIFF hyperstack at ``time`` as [Z, Y, X] arrays, read once.
+
+    Raises ``ValueError`` as :func:`read_volume` does (the file is read once, each channel selected from it).
+    """
+    path = Path(path)
+    data, axes, _, _ = _read_series(path)
+    return [_select(path, data, axes, channel, time)[0] for channel in range(count)]
+
+
+def _read_series(path: Path) -> tuple[np.ndarray, str, tuple[float, float, float], str]:
+    """The first series of a TIFF, whole, with its axis letters, spacing (z, y, x) and the spacing's source."""
+    with _open(path) as tif:
+        series, axes, spacing, source = _header(tif)
+        return np.asarray(series.asarray()), axes, spacing, source
 
 
 _AXIS_FLAGS = {"--channel": ("CS", "channel"), "--time": ("T", "time")}
