@@ -39,9 +39,14 @@ def _identity(function: Any) -> Any:  # pragma: no cover - only without numba
     return function
 
 
-jit: Callable[[Any], Any] = njit(cache=True, inline="always") if IMPORT_ERROR is None else _identity
+# ``error_model="numpy"``: a float division by zero gives inf / nan as in numpy instead of raising
+# ZeroDivisionError; the test numba inserts for the Python model is a branch per division, which keeps every
+# loop with a division scalar (the kernels divide only where they have excluded zero, or discard the result).
+jit: Callable[[Any], Any] = (
+    njit(cache=True, inline="always", error_model="numpy") if IMPORT_ERROR is None else _identity
+)
 """Compile a helper: inlined into the kernels that call it; called from Python it holds the GIL."""
-kernel: Callable[[Any], Any] = njit(cache=True, nogil=True) if IMPORT_ERROR is None else _identity
+kernel: Callable[[Any], Any] = njit(cache=True, nogil=True, error_model="numpy") if IMPORT_ERROR is None else _identity
 """Compile a kernel for :func:`run_parallel` (releases the GIL)."""
 
 

@@ -57,8 +57,10 @@ code).  Lane masks compare float coordinates, not the 64-bit lane counter; the
 per-row "any lane?" tests are integer or-reductions (no fast-math needed); a
 test of the render mode inside a lane loop makes it scalar (the other mode's
 arrays are empty, so their loads cannot be hoisted), so the mode is tested
-outside.  Scalar by nature: the queue's compaction and scatter-add, the tile
-and row bookkeeping, binning.
+outside; tile-wide loops use unsigned indices too, and the divisions vectorise
+because the kernels use numpy's error model (``numba_runtime``: Python's adds a
+zero test per division).  Scalar by nature: the queue's compaction and
+scatter-add, the tile and row bookkeeping, binning.
 
 ``EARLY_TERMINATION = False`` keeps all of the above but the amplitude-dependent
 skipping (pass-1 stop, floors): every pair within the cut-off counts, as before
@@ -96,7 +98,6 @@ the cut-off, as before this was added (for benchmarks and tests); results then d
 ``project.SOFT_SKIP_T``."""
 
 _CUTOFF = CUTOFF_SIGMA**2
-_CHECK_EVERY = 8  # pass 1 tests for termination every this many Gaussians: the test reads the whole tile
 _SLACK = 1e-6  # pixels added to float64 ellipse extents, for their own rounding
 _BIG = 1e9  # lane bound that stands for "unbounded" (clipped to the rectangle by the callers)
 _BUCKETS = 4096  # amplitude steps of the tile order
@@ -405,15 +406,27 @@ def _tile_min(values: np.ndarray, num_rows: int, num_lanes: int, scratch: np.nda
     top = np.inf * (values[0] - values[0] + 1)
     for lane in range(LANES):
         scratch[lane] = top
+    limit = np.uint64(num_lanes)
     for r in range(num_rows):
-        row = r * LANES
+        row = np.uint64(r * LANES)
         for lane in range(LANES):
-            value = values[row + lane] if lane < num_lanes else top
-            scratch[lane] = min(scratch[lane], value)
+            ul = np.uint64(lane)
+            value = values[row + ul] if ul < limit else top
+            scratch[ul] = min(scratch[ul], value)
     lowest = top
     for lane in range(LANES):
         lowest = min(lowest, scratch[lane])
     return lowest
+
+
+@jit
+def _tile_argmin(values: np.ndarray, num_rows: int, num_lanes: int, scratch: np.ndarray) -> int:
+    """Index of a smallest of ``values`` over the tile's pixels inside the view (:func:`_tile_min`)."""
+    lowest = _tile_min(values, num_rows, num_lanes, scratch)
+    for i in range(num_rows * LANES):
+        if (i & (LANES - 1)) < num_lanes and values[i] == lowest:
+            return i
+    return 0  # pragma: no cover - unreachable: the minimum is one of the values
 
 
 @jit
@@ -504,7 +517,7 @@ def _forward(
     tile_ints = np.empty((max_items, 4), np.int32)
     ceiling = np.empty(max_items, image.dtype)
     q_row = np.empty(LANES, image.dtype)
-    taken_row = np.empty(LANES, np.uint64)
+    taken_row = np.empty(LANES, np.uint32)  # 32-bit like the float32 lanes: one mask register, no widening
     # The soft pass's queue of (pixel, Gaussian) pairs taken, and their terms.
     q_queue = np.empty(_QUEUE, image.dtype)
     amp_queue = np.empty(_QUEUE, image.dtype)
@@ -541,10 +554,17 @@ def _forward(
         arg[:] = -1
         # Pass 1: per-pixel maximum of log g = log a - q / 2 and the Gaussian that reaches it.  Values never
         # exceed log a, so once the ceiling is <= every pixel's maximum nothing can raise one: stop there.
+        # The test reads the whole tile, so a *witness* pixel screens it: the tile's minimum is at most the
+        # witness's value, so while the ceiling stays above that the tile cannot stop (one scalar compare per
+        # Gaussian).  A full scan runs only once the witness is raised to the ceiling; it stops the tile, or
+        # names the pixel now lowest as the next witness.  Most tiles hold pixels no Gaussian reaches (at
+        # -inf for good): they never scan more than once.
         stop = end
+        witness = 0
         for j in range(first, end):
-            if early and j > first and (j - first) % _CHECK_EVERY == 0:
-                if ceiling[j - first] <= _tile_min(best, num_rows, num_lanes, lane_min):
+            if early and j > first and ceiling[j - first] <= best[witness]:
+                witness = _tile_argmin(best, num_rows, num_lanes, lane_min)
+                if ceiling[j - first] <= best[witness]:
                     stop = j
                     break
             mx, my, ca, cb2, cc, _, _, log_amp, l0, l1, r0, r1 = _record(tile_values, tile_ints, j - first)
@@ -569,7 +589,8 @@ def _forward(
         tile_stats[t, 2] = 0
         tile_stats[t, 3] = 0
         tile_stats[t, 4] = 0
-        for i in range(size):
+        for n in range(size):
+            i = np.uint64(n)
             peak[i] = exp(best[i])
         # row_bits[j]: the tile rows where item j takes pixels (soft: pass 2; hard: its arg-max pixels), which
         # are all the backward pass visits.
@@ -581,12 +602,20 @@ def _forward(
         if soft:
             # Floor of the pairs that count: log(m - T / beta) >= log m - (T / beta) / (m - T / beta)
             # (log(1 - x) >= -x / (1 - x)), i.e. a pair below it weighs less than e^-T.
-            for i in range(size):
-                gap = peak[i] - skip
-                bound = best[i] - skip / gap if early & (gap > zero) else lowest
-                floor[i] = bound if best[i] > lowest else highest
-                norm[i] = zero
-                weighted[i] = zero
+            # Branch-free selects (a vector loop; the floor itself in the image dtype).
+            if early:
+                for n in range(size):
+                    i = np.uint64(n)
+                    gap = peak[i] - skip
+                    has_floor = gap > zero
+                    bound = best[i] - skip / (gap if has_floor else one)
+                    floor[i] = (bound if has_floor else lowest) if best[i] > lowest else highest
+            else:
+                for n in range(size):
+                    i = np.uint64(n)
+                    floor[i] = lowest if best[i] > lowest else highest
+            norm[:] = zero
+            weighted[:] = zero
             floor_min = _tile_min(floor, num_rows, num_lanes, lane_min)
             # Pass 2: softmax sums, the maximum known (no rescaling).  Each row of a pair is tested cheaply
             # (vector loop: q, and whether the lane reaches its floor); the lanes taken are queued, and the
@@ -605,7 +634,7 @@ def _forward(
                 for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                     fixed = coords[r]
                     row = np.uint64((r - row0) * LANES)
-                    taken_count = np.uint64(0)
+                    taken_count = np.uint32(0)
                     for lane in range(LANES):
                         ul = np.uint64(lane)
                         at = coords[u0 + ul]
@@ -614,7 +643,7 @@ def _forward(
                         taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor[row + ul])
                         q_row[ul] = q
                         taken_row[ul] = taken
-                        taken_count += np.uint64(taken)
+                        taken_count += np.uint32(taken)
                     if taken_count == 0:
                         skipped += 1
                         continue
@@ -640,7 +669,7 @@ def _forward(
                         amp_queue[at] = amp
                         peak_queue[at] = peak[row + ul]
                         pixel_queue[at] = row + ul
-                        queued += taken_row[ul]
+                        queued += np.uint64(taken_row[ul])
                     if queued > _QUEUE - LANES:
                         _soft_sums(queued, q_queue, amp_queue, peak_queue, pixel_queue, half, beta, e_queue, ge_queue,
                                    norm, weighted)  # fmt: skip
@@ -654,6 +683,16 @@ def _forward(
         # The backward pass reads the bits per pair: in entry order, which keeps each pair's together.
         for j in range(first, end):
             entry_bits[item_entry[j]] = row_bits[j]
+        if soft:
+            # out = W / S and 1 / S (in ``norm``), where anything reaches; a vector loop over the tile, apart from
+            # the copies below (a loop over as many arrays keeps scalar).
+            for n in range(size):
+                i = np.uint64(n)
+                s = norm[i]
+                covered = s > zero
+                denominator = s if covered else one
+                weighted[i] = weighted[i] / denominator if covered else zero
+                norm[i] = one / denominator if covered else zero
         # Write back: kernel layout for the backward pass, row-major image for the caller.
         width, image_offset = layout[v, _W], layout[v, _IMAGE_OFFSET]
         stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
@@ -661,30 +700,36 @@ def _forward(
         for r in range(num_rows):
             base = np.uint64(offset + (row0 + r) * stride + lane0)
             row = np.uint64(r * LANES)
-            for lane in range(LANES):
-                ul = np.uint64(lane)
-                i = row + ul
-                p = base + ul
-                if soft:
-                    s = norm[i]
-                    covered = s > zero
-                    weighted[i] = weighted[i] / s if covered else zero
+            # The mode is tested outside the lane loops (a branch inside keeps them scalar).
+            if soft:
+                for lane in range(LANES):
+                    ul = np.uint64(lane)
+                    i = row + ul
+                    p = base + ul
                     peak_k[p] = peak[i]
-                    inv_norm_k[p] = one / s if covered else zero
+                    inv_norm_k[p] = norm[i]
                     floor_k[p] = floor[i]
-                else:
-                    weighted[i] = peak[i] if arg[i] >= 0 else zero
-                    argmax_k[p] = items[arg[i]] if arg[i] >= 0 else -1  # the pair, as the backward pass numbers it
-                out_k[p] = weighted[i]
+                    out_k[p] = weighted[i]
                 if last_tile:
                     # The last tile of a row also fills the row's padding, which the backward pass reads (masked).
-                    pad = p + np.uint64(LANES)
-                    out_k[pad] = zero
-                    if soft:
+                    for lane in range(LANES):
+                        pad = base + np.uint64(LANES + lane)
+                        out_k[pad] = zero
                         peak_k[pad] = zero
                         inv_norm_k[pad] = zero
                         floor_k[pad] = highest
-                    else:
+            else:
+                for lane in range(LANES):
+                    ul = np.uint64(lane)
+                    i = row + ul
+                    p = base + ul
+                    weighted[i] = peak[i] if arg[i] >= 0 else zero
+                    argmax_k[p] = items[arg[i]] if arg[i] >= 0 else -1  # the pair, as the backward pass numbers it
+                    out_k[p] = weighted[i]
+                if last_tile:
+                    for lane in range(LANES):
+                        pad = base + np.uint64(LANES + lane)
+                        out_k[pad] = zero
                         argmax_k[pad] = -1
             if transposed:
                 for lane in range(num_lanes):
