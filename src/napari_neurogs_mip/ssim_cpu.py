@@ -51,23 +51,17 @@ def unavailable_reason() -> str | None:
 
 
 @jit
-def _filter_add(source: np.ndarray, window: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - numba
-    """``out[c] += sum_t window[t] source[c + t]`` for every ``c`` of ``out`` ('valid' filter, added)."""
+def _window_add(
+    source: np.ndarray, window: np.ndarray, out: np.ndarray, count: int, source_step: int, out_step: int
+) -> None:  # pragma: no cover - compiled by numba
+    """``out[c + t out_step] += window[t] source[c + t source_step]`` for ``c < count``: the 'valid' filter
+    along a row with steps (1, 0), its transpose (the 'full' filter) with (0, 1)."""
     for t in range(window.shape[0]):
         w = window[t]
-        for c in range(out.shape[0]):
+        source_first, out_first = np.uint64(t * source_step), np.uint64(t * out_step)
+        for c in range(count):
             u = np.uint64(c)
-            out[u] += w * source[u + np.uint64(t)]
-
-
-@jit
-def _transposed_add(source: np.ndarray, window: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - numba
-    """``out[c + t] += window[t] source[c]`` for every ``c`` of ``source`` (the transposed, 'full' filter)."""
-    for t in range(window.shape[0]):
-        w = window[t]
-        for c in range(source.shape[0]):
-            u = np.uint64(c)
-            out[u + np.uint64(t)] += w * source[u]
+            out[out_first + u] += w * source[source_first + u]
 
 
 @jit
@@ -84,7 +78,7 @@ def _blurred_row(x: np.ndarray, y: np.ndarray, r: int, window: np.ndarray, input
         inputs[4, u] = a * b
     out[:] = 0
     for k in range(5):
-        _filter_add(inputs[k], window, out[k])
+        _window_add(inputs[k], window, out[k], out.shape[1], 1, 0)
 
 
 @jit
@@ -213,7 +207,7 @@ def _gradient_rows(
         full[:] = 0
         for k in range(channels):
             if k != 1 or with_y:
-                _transposed_add(cols[k], window, full[k])
+                _window_add(cols[k], window, full[k], out_w, 0, 1)
         for c in range(width):
             u = np.uint64(c)
             a, b = x[r, u], y[r, u]
