@@ -68,6 +68,11 @@ class BlockState(Enum):
         """Whether a run is under way (a new one cannot start)."""
         return self in (BlockState.SURVEYING, BlockState.FITTING, BlockState.MERGING, BlockState.STOPPING)
 
+    @property
+    def stoppable(self) -> bool:
+        """Whether Stop acts now (the merge, once begun, is not stopped)."""
+        return self in (BlockState.SURVEYING, BlockState.FITTING)
+
 
 @evented
 @dataclass
@@ -179,7 +184,6 @@ class _Plan:
     folder: Path
     """Where the blocks' files are."""
     earlier: list[dict[str, Any]] = field(default_factory=list)
-    config: Any = None
 
 
 _END = object()
@@ -204,13 +208,13 @@ def block_events(target: Any, out: str | Path, options: dict[str, Any], stop: th
     fitting = threading.Thread(target=_fit, args=(target, out, options, stop, updates.put), name="fit-blocks")
     fitting.daemon = True  # a viewer closed mid-run must not wait for the cluster at exit
     fitting.start()
-    renderer, views, folder, done, total = None, [], Path(out), 0, 0
+    renderer, views, folder, done, total = None, [], None, 0, 0
     while (item := updates.get()) is not _END:
         if isinstance(item, _Plan):
             planned = item.planned
             views, folder, total = planned.views, item.folder, planned.total
             yield planned
-            renderer = _renderer(item.config)
+            renderer = _renderer(options.get("config"))
             for record in item.earlier:
                 done += 1
                 yield BlockDone(record, done, total, _patches(record, folder, views, renderer), earlier=True)
@@ -241,7 +245,7 @@ def _fit(
         structured = len(result.blocks) - len(result.empty)
         planned = Planned(list(result.views), structured, len(result.done_before), len(pending), len(result.empty))
         earlier = [result.records[n] for n in result.done_before]
-        put(_Plan(planned, Path(result.out) / BLOCKS_DIR, earlier, options.get("config")))
+        put(_Plan(planned, Path(result.out) / BLOCKS_DIR, earlier))
         check()
 
     def on_block(record: dict[str, Any], done: int, total: int) -> None:
@@ -365,7 +369,7 @@ class BlockSession:
     def stop(self) -> None:
         """Stop when the next block (or survey chunk) finishes; the finished blocks are kept.  The merge, once
         begun, is not stopped: it is short and leaves the merged model whole."""
-        if self.state in (BlockState.SURVEYING, BlockState.FITTING):
+        if self.state.stoppable:
             self._stop.set()
             self.status.state = BlockState.STOPPING
             self.status.message = "stopping when the next block finishes (finished blocks are kept)…"

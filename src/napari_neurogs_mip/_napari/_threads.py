@@ -35,6 +35,18 @@ _stoppables: weakref.WeakSet[Any] = weakref.WeakSet()
 _exit_hooked = False
 
 
+def forget_at_close(widget: Any, session: Any) -> None:
+    """When ``widget`` is destroyed (closed, or its viewer was), stop its ``session`` and disconnect the
+    session's events, so that the run's last events reach no deleted Qt object."""
+
+    def forget(*_: Any, session: Any = session) -> None:  # no reference to the widget: it is gone
+        session.stop()
+        session.events.disconnect()
+        session.status.events.disconnect()
+
+    widget.destroyed.connect(forget)
+
+
 def stop_at_exit(stoppable: Any) -> None:
     """Call ``stoppable.stop()`` if the interpreter exits while it may still run."""
     _stoppables.add(stoppable)

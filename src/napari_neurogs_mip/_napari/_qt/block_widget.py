@@ -12,11 +12,9 @@ cluster run off it, and only this widget touches layers.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -36,9 +34,9 @@ from ...blocks.plan import DEFAULT_HALO
 from ...prepare import VOLUME_VIEWS
 from ...views import parse_view_specs
 from .._block_session import BlockDone, BlockSession, BlockState, Planned
-from .._layers import ROLE_KEY, mip_layer
+from .._layers import mip_layer
 from .._layout import free_x, view_layout
-from .._threads import qt_runner, stop_at_exit
+from .._threads import forget_at_close, qt_runner, stop_at_exit
 from .._throttle import Throttle
 from .._triton_guard import guard_triton_import
 from .live_layers import LiveLayers
@@ -88,7 +86,6 @@ class BlockWidget(QWidget):
         self.live = LiveLayers(napari_viewer, parent=self)
         self.layers: list[Any] = []
         """The merged MIP layers of the current run, one per view."""
-        self._shown = 0
         self._throttle = Throttle(REFRESH_S)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -192,13 +189,7 @@ class BlockWidget(QWidget):
         session.events.ended.connect(self._on_ended)
         for name in ("inserted", "removed"):
             getattr(self.viewer.layers.events, name).connect(self._refresh_sources)
-
-        def forget(*_: Any, session: BlockSession = session) -> None:  # no reference to self: it is gone
-            session.stop()
-            session.events.disconnect()
-            session.status.events.disconnect()
-
-        self.destroyed.connect(forget)
+        forget_at_close(self, session)
 
     def _refresh_sources(self, *_: Any) -> None:
         """Remember the image layers read from a file; prefill an empty target with the selected (or only) one."""
@@ -243,7 +234,7 @@ class BlockWidget(QWidget):
         options = {
             "level": self.level_spin.value(), "channel": channel if channel >= 0 else None,
             "block": self.block_spin.value() or None, "halo": self.halo_spin.value(), "view_specs": specs or None,
-            "config": replace(self.settings_panel.config(), out=None), "cluster": cluster,
+            "config": self.settings_panel.config(), "cluster": cluster,
             "overwrite": self.overwrite_check.isChecked(),
         }  # fmt: skip
         return target, out, options
@@ -262,7 +253,6 @@ class BlockWidget(QWidget):
             return
         self.progress.setRange(0, 0)  # busy until the survey says how many chunks it reads
         self.progress.setFormat("starting…")
-        self._shown = 0
         self._throttle.reset()
         self.session.start(target, out, **options)
 
@@ -274,7 +264,7 @@ class BlockWidget(QWidget):
     # ================================================================ events
     def _on_state(self, state: BlockState) -> None:
         self.start_button.setEnabled(not state.busy)
-        self.stop_button.setEnabled(state in (BlockState.SURVEYING, BlockState.FITTING))
+        self.stop_button.setEnabled(state.stoppable)
         self.form.setEnabled(not state.busy)
 
     def _on_survey(self, done: int, total: int) -> None:
@@ -288,9 +278,7 @@ class BlockWidget(QWidget):
         self.progress.setRange(0, planned.total)
         self.progress.setValue(0)
         views = self.session.views
-        edges = [float(np.asarray(layer.extent.world)[1][-1]) for layer in self.viewer.layers
-                 if layer.metadata.get(ROLE_KEY) is None]  # fmt: skip
-        placements = view_layout(views, 1, free_x(edges, views))[0]
+        placements = view_layout(views, 1, free_x(self.live.right_edges(), views))[0]
         self.layers = []
         for view, image, placement in zip(views, self.session.images, placements):
             data, kwargs, kind = mip_layer(image, view, "rendered", placement)
@@ -308,8 +296,7 @@ class BlockWidget(QWidget):
         for layer, image in zip(self.layers, self.session.images):
             if layer in self.viewer.layers:  # else removed by the user: respect that until the next run
                 layer.data = image
-        self._shown = self.session.status.done
-        self.layers_updated.emit(self._shown)
+        self.layers_updated.emit(self.session.status.done)
 
     def _on_finished(self, result: Any) -> None:
         from napari.utils.notifications import show_info

@@ -24,7 +24,7 @@ from .._axes import planes_needed
 from .._fit_events import Ready
 from .._session import FitSession, FitState
 from .._summary import exported_message, finished_message, progress_line, refused_message, summary_html
-from .._threads import qt_runner, start_worker, stop_at_exit
+from .._threads import forget_at_close, qt_runner, start_worker, stop_at_exit
 from .._throttle import Throttle
 from .._triton_guard import guard_triton_import
 from .live_layers import LiveLayers
@@ -41,14 +41,6 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 REFRESH_S = 0.5
 """Shortest interval between two refreshes of the viewer (the worker may step much faster)."""
-
-
-def _forget(session: FitSession) -> None:
-    """The widget is gone (closed, or its viewer was): stop its fit, and let the fit's last events reach no
-    deleted Qt object."""
-    session.stop()
-    session.events.disconnect()
-    session.status.events.disconnect()
 
 
 class FitWidget(QWidget):
@@ -135,7 +127,7 @@ class FitWidget(QWidget):
             getattr(self.viewer.layers.events, name).connect(self._on_layers_changed)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layers_changed)
-        self.destroyed.connect(lambda *_, session=session: _forget(session))  # no reference to self: it is gone
+        forget_at_close(self, session)
 
     # ================================================================= inputs
     def fit_config(self) -> FitConfig:

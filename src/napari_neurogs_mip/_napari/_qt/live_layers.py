@@ -99,7 +99,7 @@ class LiveLayers(QObject):
         self._queue, self._build = [], []
         self.views, self.targets, self.live = list(views), list(targets), {}
         roles = ["target", "rendered"] + (["residual"] if residuals else [])
-        x_start, shown = free_x(self._right_edges(), views), self._box_of(beside)
+        x_start, shown = free_x(self.right_edges(), views), self._box_of(beside)
         columns = best_columns(views, len(roles), self.viewer.canvas.size, x_start, shown)
         layout = view_layout(views, len(roles), x_start, columns)
         pending: list[LayerDataTuple] = []
@@ -133,7 +133,7 @@ class LiveLayers(QObject):
         elif self._queue:
             self._timer.start(0)
 
-    def _right_edges(self) -> list[float]:
+    def right_edges(self) -> list[float]:
         """World x of the right edge of every layer that is not a live layer."""
         edges = []
         for layer in self.viewer.layers:
