@@ -356,7 +356,9 @@ def spawn(
 
     Each sits at the back-projected peak of its pixel (a :func:`residual_pixels` pixel, within
     ``foregrounds`` when given), is as wide as half a voxel (or half the view's pixel where the views
-    are coarser), round, and as bright as the target pixel.
+    are coarser), round, and as bright as the target pixel.  Targets from MIP images alone (no peaks)
+    spawn where the axis views' residuals agree (:func:`consistent_points`), above ``levels``;
+    ``foregrounds`` do not apply there.
     """
     if limit <= 0:
         return NewGaussians.empty()

@@ -84,15 +84,16 @@ class Normalization:
         """Whether each view's background (its median) is subtracted."""
         return self.rule == "background" if self.view_background is None else self.view_background
 
-    def view_low(self, image: np.ndarray, low: float, high: float) -> float:
+    def view_low(self, image: np.ndarray, low: float, high: float, level: float | None = None) -> float:
         """The ``low`` of one view's raw MIP ``image``: ``low``, or the view's background median when higher.
 
-        The view's background raises ``low`` by at most a quarter of ``high - low``: a background that
-        bright is more likely structure the estimate took for background.
+        ``level`` is the image's :func:`raw_level` if known.  The view's background raises ``low`` by at most
+        a quarter of ``high - low``: a background that bright is more likely structure the estimate took for
+        background.
         """
         if not self.per_view:
             return low
-        return min(max(low, background_median(image)), low + VIEW_BACKGROUND_LIMIT * (high - low))
+        return min(max(low, background_median(image, level)), low + VIEW_BACKGROUND_LIMIT * (high - low))
 
     def fit(self, images: list[np.ndarray]) -> tuple[float, float]:
         """The ``(low, high)`` this rule gives for ``images``."""
@@ -110,10 +111,12 @@ class Normalization:
                 )
                 if not 0 <= low_p < high_p <= 100:
                     raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_p}, {high_p}")
-                low, high = (float(v) for v in np.percentile(pixels, [low_p, high_p]))
                 if self.rule == "background":
+                    # The background's median is never above the median of all pixels (a lowest subset).
                     background = np.concatenate([_background_pixels(np.asarray(i)) for i in images])
-                    low = min(low, float(np.median(background)))
+                    low, high = float(np.median(background)), float(np.percentile(pixels, high_p))
+                else:
+                    low, high = (float(v) for v in np.percentile(pixels, [low_p, high_p]))
                 if high <= low:
                     # Very sparse images: the percentile lands on the background; use the maximum instead.
                     high = float(pixels.max())
@@ -166,29 +169,30 @@ def _dequantised(values: np.ndarray) -> np.ndarray:
     return values + np.random.default_rng(0).uniform(-step / 2, step / 2, values.shape)
 
 
-def normalised_level(image: np.ndarray, low: float, high: float) -> float:
-    """:func:`raw_level` of a raw MIP in the units of its normalised target (``low`` -> 0, ``high`` -> 1).
+def normalised_level(level: float, low: float, high: float) -> float:
+    """A :func:`raw_level` in the units of its normalised target (``low`` -> 0, ``high`` -> 1).
 
     At least :data:`.metrics.FOREGROUND_FLOOR`: a background the normalisation clipped at 0 and any noise
     below the floor stay background.
     """
-    return max((raw_level(image) - low) / (high - low), FOREGROUND_FLOOR)
+    return max((level - low) / (high - low), FOREGROUND_FLOOR)
 
 
-def _background_pixels(image: np.ndarray) -> np.ndarray:
-    """The finite pixels of a raw MIP at or below its :func:`raw_level`."""
+def _background_pixels(image: np.ndarray, level: float | None = None) -> np.ndarray:
+    """The finite pixels of a raw MIP at or below its :func:`raw_level` (``level``, if known)."""
     values = np.asarray(image, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
-    return values[values <= raw_level(values)]
+    return values[values <= (raw_level(values) if level is None else level)]
 
 
-def background_median(image: np.ndarray) -> float:
-    """The median of a raw MIP's background pixels: the pixels at or below its foreground level.
+def background_median(image: np.ndarray, level: float | None = None) -> float:
+    """The median of a raw MIP's background pixels: the pixels at or below its foreground level (``level``,
+    its :func:`raw_level`, if known).
 
     On a sparse sample it is about the median of all pixels; where structure covers half the MIP or more
     (nuclei) it stays on the background, where the median of all pixels would lie on the structure.
     """
-    return float(np.median(_background_pixels(image)))
+    return float(np.median(_background_pixels(image, level)))
 
 
 @dataclass
@@ -561,11 +565,17 @@ def targets_for_views(
     reference = [axis_mip(tensor, name).numpy() for name in AXIS_VIEWS]
     low, high = normalization.fit(reference)
     raw, peaks = volume_mips_and_peaks(tensor, geometry, views)
-    lows = view_lows or [normalization.view_low(image.numpy(), low, high) for image in raw]
-    images = [_normalise(image.numpy(), view_low, high) for image, view_low in zip(raw, lows)]
+    raw_images = [image.numpy() for image in raw]
+    raw_levels = [raw_level(image) for image in raw_images]
+    lows = view_lows or [normalization.view_low(i, low, high, v) for i, v in zip(raw_images, raw_levels)]
+    images = [_normalise(image, view_low, high) for image, view_low in zip(raw_images, lows)]
     # Orbit pixels whose rays miss the volume hold its minimum: no background, so not measured.
-    seen = [np.where(np.isnan(p[..., 0]), np.nan, image.numpy()) for image, p in zip(raw, peaks)]
-    levels = [normalised_level(image, view_low, high) for image, view_low in zip(seen, lows)]
+    missed = [np.isnan(p[..., 0]) for p in peaks]
+    seen_levels = [
+        raw_level(np.where(m, np.nan, image)) if m.any() else level
+        for image, m, level in zip(raw_images, missed, raw_levels)
+    ]
+    levels = [normalised_level(level, view_low, high) for level, view_low in zip(seen_levels, lows)]
     return Targets(list(views), images, geometry, low, high, normalization, peaks, lows, levels)
 
 
@@ -597,9 +607,10 @@ def targets_from_mips(
         views.append(native.resampled(output_shape(native.shape, tuple(image.shape))))
     normalization = normalization or Normalization()
     low, high = normalization.fit(list(images.values()))
-    lows = [normalization.view_low(np.asarray(i), low, high) for i in images.values()]
+    raw_levels = [raw_level(i) for i in images.values()]
+    lows = [normalization.view_low(np.asarray(i), low, high, v) for i, v in zip(images.values(), raw_levels)]
     normalised = [_normalise(i, view_low, high) for i, view_low in zip(images.values(), lows)]
-    levels = [normalised_level(i, view_low, high) for i, view_low in zip(images.values(), lows)]
+    levels = [normalised_level(v, view_low, high) for v, view_low in zip(raw_levels, lows)]
     return Targets(views, normalised, geometry, low, high, normalization, view_lows=lows, levels=levels)
 
 

@@ -271,6 +271,7 @@ class Trainer:
         # Each view's background level: density control only spawns on pixels above it.
         self._levels = targets.foreground_levels()
         self._foregrounds = targets.foregrounds()
+        self._foreground_tensors = [torch.as_tensor(f, device=self.device) for f in self._foregrounds]
         self._eval_foregrounds = eval_targets.foregrounds() if eval_targets is not None else []
         self._pixel = float(np.min(geometry.spacing_xyz))
         for group in self.optimizer.param_groups:
@@ -476,8 +477,7 @@ class Trainer:
     def _densify(self, rendered: list[torch.Tensor]) -> DensityChange:
         """Spawn, clone, split and prune (see :mod:`.densify`); the optimiser state follows the rows."""
         wins = win_counts(self.model, self.targets.views, self.config.eps)
-        masks = [torch.as_tensor(f, device=self.device) for f in self._foregrounds]
-        new = spawn(self.targets, self._target_tensors, rendered, self._levels, self.budget, masks)
+        new = spawn(self.targets, self._target_tensors, rendered, self._levels, self.budget, self._foreground_tensors)
         split_scale = 1.5 * float(np.max(self.targets.geometry.spacing_xyz))
         change = plan_change(self._params, self.density, wins, new, self.budget, split_scale)
         self._resize(change.keep, change.added)

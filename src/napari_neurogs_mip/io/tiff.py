@@ -191,17 +191,10 @@ def read_volume(
     """
     path = Path(path)
     data, axes, spacing, source = _read_series(path)
-    data, axes_left = _select(path, data, axes, channel, time)
-    if data.ndim != 3:
-        raise ValueError(
-            f"{path} holds a {data.ndim}D image (axes {axes_left}, shape {data.shape}); a 3D Z, Y, X volume is needed"
-        )
+    data = _as_volume(path, *_select(path, data, axes, channel, time))
     if spacing_zyx is not None:
         spacing, source = tuple(float(s) for s in spacing_zyx), "user"
     _check_spacing(path, spacing, source)
-    with np.errstate(over="ignore"):  # values beyond float32 become Inf, which the next line reports
-        data = data.astype(np.float32, copy=False)
-    _check_finite(path, data, "the volume", "voxels")
     return VolumeFile(data, spacing, source, axes)
 
 
@@ -212,7 +205,19 @@ def read_channels(path: str | os.PathLike, count: int, time: int | None = None) 
     """
     path = Path(path)
     data, axes, _, _ = _read_series(path)
-    return [_select(path, data, axes, channel, time)[0] for channel in range(count)]
+    return [_as_volume(path, *_select(path, data, axes, channel, time)) for channel in range(count)]
+
+
+def _as_volume(path: Path, data: np.ndarray, axes_left: str) -> np.ndarray:
+    """``data`` checked to be a 3D volume of finite values, as float32 (``ValueError`` names ``path``)."""
+    if data.ndim != 3:
+        raise ValueError(
+            f"{path} holds a {data.ndim}D image (axes {axes_left}, shape {data.shape}); a 3D Z, Y, X volume is needed"
+        )
+    with np.errstate(over="ignore"):  # values beyond float32 become Inf, which the next line reports
+        data = data.astype(np.float32, copy=False)
+    _check_finite(path, data, "the volume", "voxels")
+    return data
 
 
 def _read_series(path: Path) -> tuple[np.ndarray, str, tuple[float, float, float], str]:
