@@ -431,8 +431,8 @@ def print_vector_instructions() -> None:
         "    sum(i.sum() for i in raster_cpu.rasterize(p, mode, 50.0)).backward()\n"
         "x = torch.rand(20, 20, requires_grad=True)\n"
         "ssim(x, torch.rand(20, 20)).backward()\n"
-        "kernels = [(raster_cpu, '_forward'), (raster_cpu, '_backward'), (ssim_cpu, '_blur_rows'),\n"
-        "           (ssim_cpu, '_ssim_rows'), (ssim_cpu, '_gradient_rows')]\n"
+        "kernels = [(raster_cpu, '_forward'), (raster_cpu, '_backward'), (ssim_cpu, '_ssim_rows'),\n"
+        "           (ssim_cpu, '_gradient_rows')]\n"
         "for module, name in kernels:\n"
         "    for signature, asm in getattr(module, name).inspect_asm().items():\n"
         "        if 'float32' not in str(signature) and module is raster_cpu:\n"
@@ -444,7 +444,9 @@ def print_vector_instructions() -> None:
         "              f'{scalar} scalar float')\n"
     )
     done = run_with_empty_cache(code, check=False)
-    print(done.stdout.strip() or done.stderr[-3000:])
+    print(done.stdout.strip())
+    if done.returncode != 0:
+        print(done.stderr[-3000:])
 
 
 # --------------------------------------------------------------------------- parent

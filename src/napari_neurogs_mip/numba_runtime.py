@@ -161,6 +161,11 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def worker_threads() -> int:
+    """Threads of the kernels' pool: :data:`THREADS`, or every CPU this process may use."""
+    return max(1, THREADS or available_cpus())
+
+
 def run_parallel(kernel: Callable, before: tuple, after: tuple, work: int, min_work: int = 1) -> None:
     """Run ``kernel(*before, worker, num_workers, *after)`` for every worker, on the pool.
 
@@ -172,7 +177,7 @@ def run_parallel(kernel: Callable, before: tuple, after: tuple, work: int, min_w
         Items worth one worker: smaller jobs run on the calling thread, since
         handing them to the pool costs more than it saves.
     """
-    threads = max(1, THREADS or available_cpus())
+    threads = worker_threads()
     workers = max(1, min(work // max(1, min_work), threads * _TASKS_PER_THREAD if threads > 1 else 1))
     if workers == 1:
         kernel(*before, 0, 1, *after)

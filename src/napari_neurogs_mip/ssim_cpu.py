@@ -235,7 +235,7 @@ class _Ssim(torch.autograd.Function):
         partials = np.empty((4, out_h, out_w) if any(ctx.needs_input_grad[:2]) else (4, 0, 0), x_np.dtype)
         # Bands of output rows, two per thread, each worth a hand-off to the pool (small images: one band, on the
         # calling thread); a band also filters a halo of ``taps - 1`` rows.
-        threads = numba_runtime.THREADS or numba_runtime.available_cpus()
+        threads = numba_runtime.worker_threads()
         bands = max(1, min(2 * threads, out_h * out_w // _PIXELS_PER_WORKER))
         band = -(-out_h // bands)
         run_parallel(_ssim_rows, (x_np, y_np, window, c1, c2, band), (row_sums, partials), -(-out_h // band))

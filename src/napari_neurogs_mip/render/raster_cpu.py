@@ -403,7 +403,7 @@ def _tile_min(values: np.ndarray, num_rows: int, num_lanes: int, scratch: np.nda
     Lane-wise minima first (a vector loop), then one short scalar reduction: a float reduction in one loop
     would stay scalar (LLVM may not reorder it without fast-math).
     """  # pragma: no cover - compiled by numba
-    top = np.inf * (values[0] - values[0] + 1)
+    top = values.dtype.type(np.inf)  # not inf * (v - v + 1): NaN when the first value is itself infinite
     for lane in range(LANES):
         scratch[lane] = top
     limit = np.uint64(num_lanes)
