@@ -244,6 +244,14 @@ class Targets:
         """Each view's undilated foreground (:func:`.metrics.foreground_mask` at :meth:`foreground_levels`)."""
         return [foreground_mask(i, dilate=0, level=v) for i, v in zip(self.images, self.foreground_levels())]
 
+    def backgrounds(self) -> list[np.ndarray]:
+        """Each view's background pixels (bool [H, W]): outside its foreground dilated by 2 pixels (blur tails
+        are not background), on rays that meet the volume (orbit pixels beside it hold no noise)."""
+        masks = [~foreground_mask(i, dilate=2, level=v) for i, v in zip(self.images, self.foreground_levels())]
+        if self.peaks is not None:
+            masks = [m & ~np.isnan(p[..., 0]) for m, p in zip(masks, self.peaks)]
+        return masks
+
     def tensors(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """The images as tensors on ``device``."""
         return [torch.as_tensor(image, dtype=dtype, device=device) for image in self.images]

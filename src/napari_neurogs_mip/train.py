@@ -41,7 +41,7 @@ from .device import DEVICES, resolve_device, torch_threads
 from .frames import Frame
 from .io.checkpoint import Checkpoint, check_optimizer_state, save_checkpoint
 from .io.run_folder import FINAL_NAME, checkpoint_name
-from .losses import SSIM_WINDOW, LossWeights, mip_loss
+from .losses import SSIM_WINDOW, BackgroundMax, LossWeights, mip_loss
 from .metrics import score
 from .model import GaussianModel
 from .render import BACKENDS, DEFAULT_BETA, MODES, Renderer
@@ -77,6 +77,8 @@ class FitConfig:
     lambda_mse: float = setting(1.0, "weight of the mean squared error", minimum=0, group="loss", flag="--lambda_mse")
     lambda_ssim: float = setting(0.1, "weight of 1 - SSIM", minimum=0, group="loss", flag="--lambda_ssim")
     lambda_l1: float = setting(0.0, "weight of the mean absolute error", minimum=0, group="loss", flag="--lambda_l1")
+    background_noise: bool = setting(True, "compare the render as each view's background noise maxima would show it "
+                                     "(the render stays noise-free, without haze)", group="loss")  # fmt: skip
     mode: str = setting("soft", "the MIP the fit renders", choices=MODES, group="render")
     beta: float = setting(DEFAULT_BETA, "soft-MIP sharpness (1/intensity)", positive=True, group="render")
     eps: float = setting(0.3, "pixel filter added to each projected covariance", minimum=0, group="render",
@@ -273,6 +275,7 @@ class Trainer:
         self._foregrounds = targets.foregrounds()
         self._foreground_tensors = [torch.as_tensor(f, device=self.device) for f in self._foregrounds]
         self._eval_foregrounds = eval_targets.foregrounds() if eval_targets is not None else []
+        self._as_seen = _background_models(targets) if config.background_noise else [None] * len(targets.views)
         self._pixel = float(np.min(geometry.spacing_xyz))
         for group in self.optimizer.param_groups:
             # A resumed state carries the old run's rates: the rates of this config replace them.
@@ -399,7 +402,8 @@ class Trainer:
         with self._lock, torch_threads(self.renderer.torch_threads):
             few = {n: t.detach()[:8].clone().requires_grad_(True) for n, t in self._params.items()}
             model = GaussianModel(**few, frame=Frame.PHYSICAL, geometry=self.targets.geometry)
-            loss, _ = mip_loss(self.renderer.render(model, self.targets.views), self._target_tensors, self.weights)
+            loss, _ = mip_loss(self._seen(self.renderer.render(model, self.targets.views)), self._target_tensors,
+                               self.weights)  # fmt: skip
             loss.backward()
         return time.perf_counter() - start
 
@@ -450,7 +454,7 @@ class Trainer:
         with self._lock, torch_threads(self.renderer.torch_threads):
             self.optimizer.zero_grad(set_to_none=True)
             rendered = self.renderer.render(self.model, self.targets.views)
-            loss, terms = mip_loss(rendered, self._target_tensors, self.weights)
+            loss, terms = mip_loss(self._seen(rendered), self._target_tensors, self.weights)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(list(self._params.values()), self.config.grad_clip)
             if not (math.isfinite(terms["loss"]) and bool(torch.isfinite(norm))):
@@ -469,6 +473,10 @@ class Trainer:
             if self._densifying and self.iteration % self.config.densify_every == 0:
                 self.last_change = self._densify([r.detach() for r in rendered])
         return terms, [r.detach() for r in rendered]
+
+    def _seen(self, rendered: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The renders as the targets' background noise would show them (:class:`.losses.BackgroundMax`)."""
+        return [image if seen is None else seen(image) for image, seen in zip(rendered, self._as_seen)]
 
     @property
     def _densifying(self) -> bool:
@@ -578,6 +586,16 @@ def _changed_settings(saved: dict[str, Any], config: FitConfig) -> list[str]:
         for name, value in current.items()
         if name in saved and name not in ignored and saved[name] != value
     ]
+
+
+MIN_BACKGROUND_PIXELS = 256
+"""Fewest background pixels a view needs for :class:`.losses.BackgroundMax` (fewer: compared as rendered)."""
+
+
+def _background_models(targets: Targets) -> list[BackgroundMax | None]:
+    """Each view's :class:`.losses.BackgroundMax`, ``None`` where too little of it is background to tell."""
+    pairs = zip(targets.images, targets.backgrounds())
+    return [BackgroundMax(image[b]) if b.sum() >= MIN_BACKGROUND_PIXELS else None for image, b in pairs]
 
 
 def _check_held_out(targets: Targets, held_out: Targets) -> None:
