@@ -125,6 +125,31 @@ if IMPORT_ERROR is None:
         return x(x), codegen
 
 
+def maximum(a, b):  # pragma: no cover - replaced by the intrinsic inside kernels
+    """The larger of two floats of one type, neither NaN (kernels only).
+
+    LLVM's ``maxnum`` without NaN handling: one ``max`` instruction per vector.  ``max(m[i], x)`` written as a
+    compare and a select is stored by the loop vectoriser as a *masked* store of ``x`` where it is larger, which
+    later loads of ``m[i]`` cannot take from the store buffer (they wait for it to reach the cache).
+    """
+    raise NotImplementedError
+
+
+if IMPORT_ERROR is None:
+
+    @intrinsic
+    def maximum(typingctx, a, b):
+        if not isinstance(a, types.Float) or a != b:
+            return None
+
+        def codegen(context, builder, signature, args):
+            value = context.get_value_type(a)
+            function = builder.module.declare_intrinsic("llvm.maxnum", [value], ir.FunctionType(value, [value, value]))
+            return builder.call(function, args, fastmath=("nnan", "nsz"))
+
+        return a(a, b), codegen
+
+
 THREADS: int | None = None
 """Threads of the kernels; ``None``: the CPUs this process may use (independent of ``torch.get_num_threads()``)."""
 

@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, numpy_view, run_parallel, trailing_zeros
+from ..numba_runtime import IMPORT_ERROR, exp, jit, kernel, maximum, numpy_view, run_parallel, trailing_zeros
 from .project import CUTOFF_SIGMA, DEFAULT_BETA, SOFT_SKIP_T, Projection
 from .raster_torch import MODES, pixel_offsets, split_views
 
@@ -476,6 +476,7 @@ def _forward(
     half: float,
     cutoff: float,
     skip: float,
+    infinity: float,
     max_items: int,
     worker: int,
     num_workers: int,
@@ -496,14 +497,16 @@ def _forward(
     pass reads: ``out_k`` and (soft) ``peak_k`` = m, ``inv_norm_k`` = 1 / S and
     ``floor_k`` (the log-domain floor of the pairs taken: +inf where nothing
     reaches), or (hard) ``argmax_k`` (-1 where nothing reaches); and the work
-    counters ``tile_stats`` [T, 5].  ``beta``, ``half``, ``cutoff`` and ``skip``
-    (``T / beta``) carry the image dtype so that float32 stays float32.
+    counters ``tile_stats`` [T, 5].  ``beta``, ``half``, ``cutoff``, ``skip``
+    (``T / beta``) and ``infinity`` carry the image dtype so that float32 stays
+    float32.  ``infinity`` is an argument, not a constant, so that LLVM cannot
+    fold ``max(m, -inf) = m`` into a masked store (see pass 1).
     """
     num_tiles = tile_view.shape[0]
     zero = half - half
     one = half + half
-    lowest = -np.inf * one
-    highest = np.inf * one
+    lowest = -infinity
+    highest = infinity
     size = TILE_ROWS * LANES
     # Tile-local state, row-major [TILE_ROWS, LANES]: stays in L1; the lane loops below vectorise over it.
     best = np.empty(size, image.dtype)  # log m
@@ -571,6 +574,7 @@ def _forward(
             # The rectangle's lanes as coordinates: float compares are cheaper in the vector loops than
             # compares of the 64-bit lane counter (exact: coordinates are small integers).
             lo, hi = coords[l0], coords[l1]
+            item = np.int32(j)
             for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                 fixed = coords[r]
                 row = np.uint64((r - row0) * LANES)
@@ -581,9 +585,14 @@ def _forward(
                     # q >= 0 in exact arithmetic; the clamp keeps value <= log a after rounding too.
                     value = log_amp - half * max(q, zero)
                     i = row + ul
-                    better = (at >= lo) & (at <= hi) & (q <= cutoff) & (value > best[i])
-                    best[i] = value if better else best[i]
-                    arg[i] = j if better else arg[i]
+                    inside = (at >= lo) & (at <= hi) & (q <= cutoff)
+                    better = inside & (value > best[i])
+                    # Both updates as maxima (items arrive in increasing order, so the arg-max is the largest
+                    # item that was better), not as selects between the new and the stored value, which LLVM
+                    # stores with a masked store (see ``numba_runtime.maximum``); the integer one is a max
+                    # instruction already.
+                    best[i] = maximum(best[i], value if inside else lowest)
+                    arg[i] = max(arg[i], item if better else np.int32(-1))
         tile_stats[t, 0] = end - first
         tile_stats[t, 1] = stop - first
         tile_stats[t, 2] = 0
@@ -634,19 +643,24 @@ def _forward(
                 for r in range(max(r0, row0), min(r1, row0 + num_rows - 1) + 1):
                     fixed = coords[r]
                     row = np.uint64((r - row0) * LANES)
-                    taken_count = np.uint32(0)
+                    # "Any lane taken?" as a maximum of 32-bit flags: numba widens sums (and ors) of uint32 to
+                    # 64 bits, which halves the vector width of the whole loop (xmm, not ymm, on AVX2).
+                    any_taken = np.uint32(0)
                     for lane in range(LANES):
                         ul = np.uint64(lane)
                         at = coords[u0 + ul]
                         _, _, q = _offset(fixed, at, mx, my, ca, cb2, cc, transposed)
                         value = log_amp - half * max(q, zero)
-                        taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor[row + ul])
+                        taken = np.uint32((at >= lo) & (at <= hi) & (q <= cutoff) & (value >= floor[row + ul]))
                         q_row[ul] = q
                         taken_row[ul] = taken
-                        taken_count += np.uint32(taken)
-                    if taken_count == 0:
+                        any_taken = max(any_taken, taken)
+                    if any_taken == 0:
                         skipped += 1
                         continue
+                    taken_count = 0
+                    for lane in range(LANES):
+                        taken_count += taken_row[lane]
                     evaluated += 1
                     row_bits[j] |= np.uint32(1) << np.uint32(r - row0)
                     if taken_count > _DENSE:
@@ -872,17 +886,25 @@ def _backward(
     in float64.  ``pair_rows[v, k]`` counts the windows visited.  Culled pairs are not visited: their gradients
     stay as the caller initialised them (zero).
     """
-    zero = half - half
     # Lane-wise partial sums of dg exp(-q/2), dq dx, dq dy, dq dx^2, dq dx dy, dq dy^2.
     acc = np.empty((6, LANES), grad_k.dtype)
     for pair in range(worker, pair_ints.shape[0], num_workers):
-        mx, my, ca, cb2, cc, cb, amp, log_amp, l0, l1, _, _ = _record(pair_values, pair_ints, pair)
         v, k = pair_ints[pair, 4], pair_ints[pair, 5]
+        taken = np.uint32(0)
+        for e in range(pair_span[pair, 0], pair_span[pair, 1]):
+            taken |= entry_bits[e]
+        if taken == 0:
+            pair_rows[v, k] = 0  # nothing taken (about a third of the pairs at the default beta)
+            continue
+        mx, my, ca, cb2, cc, cb, amp, log_amp, l0, l1, _, _ = _record(pair_values, pair_ints, pair)
         transposed = layout[v, _TRANSPOSED] != 0
         stride, offset = layout[v, _STRIDE], layout[v, _OFFSET]
         lo, hi = coords[l0], coords[l1]
         visited = 0
-        acc[:] = zero
+        # A literal 0, not ``zero``: LLVM then writes it as a memset, in vector stores; ``zero`` (not known to
+        # be 0) is stored one element at a time, and the vector loads of the first window cannot take their
+        # values from several narrow stores (they wait until the stores reach the cache).
+        acc[:] = 0
         e = pair_span[pair, 0]
         while e < pair_span[pair, 1]:
             # The pair's tiles in one band of rows (consecutive entries): the union of their rows, each walked
@@ -897,17 +919,15 @@ def _backward(
                 bits &= bits - np.uint32(1)
                 fixed = coords[r]
                 for c0 in range(l0, l1 + 1, LANES):
-                    visited += 1
                     u0 = np.uint64(c0)
                     p0 = np.uint64(offset + r * stride + c0)
                     _pair_row(soft, pair, fixed, coords, u0, p0, lo, hi, mx, my, ca, cb2, cc, amp, log_amp, transposed,
                               beta, half, cutoff, grad_k, out_k, peak_k, inv_norm_k, floor_k, argmax_k, acc)  # fmt: skip
+                    visited += 1
         pair_rows[v, k] = visited
-        if visited == 0:
-            continue
         # Halves first (vector adds), then the remaining lanes in float64.
-        for lane in range(LANES // 2):
-            for sum_index in range(6):
+        for sum_index in range(6):
+            for lane in range(LANES // 2):
                 acc[sum_index, lane] += acc[sum_index, lane + LANES // 2]
         s_a = s_x = s_y = s_xx = s_xy = s_yy = 0.0
         for lane in range(LANES // 2):
@@ -1014,7 +1034,7 @@ class _Rasterize(torch.autograd.Function):
         entry_bits = np.empty(capacity, np.uint32)
         before = (
             pair_values, pair_ints, layout, tile_view, tile_range, items, coords, soft, EARLY_TERMINATION, beta_s, half,
-            cutoff, skip, int((tile_range[:, 1] - tile_range[:, 0]).max()),
+            cutoff, skip, np_dtype(np.inf), int((tile_range[:, 1] - tile_range[:, 0]).max()),
         )  # fmt: skip
         after = (
             item_entry, np.empty(capacity, np.uint32), entry_bits, image.numpy(), out_k, peak_k, inv_norm_k, floor_k,
