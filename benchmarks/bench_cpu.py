@@ -23,7 +23,8 @@ rasteriser, for ``torch`` the PyTorch references) and the PyTorch thread count
 a fit uses with it (column ``thr``: 1 around the cpu kernels): project +
 rasterise the three views, ``mean(MSE + 0.1 (1 - SSIM))`` over views (``napari_neurogs_mip.losses``),
 backward, gradient clipping (norm 1) and Adam with the seed's parameter groups
-(means ``lr``, log-scales and quaternions ``0.1 lr``, log-amplitudes ``lr``).
+(means ``lr``, log-scales and quaternions ``0.1 lr``, log-amplitudes ``lr``), fused
+as ``Trainer`` runs it on the CPU.
 
 Every (scenario, backend) runs in its own subprocess, so that memory is clean:
 after a warm-up step the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``);
@@ -266,7 +267,7 @@ def run_child(args: argparse.Namespace) -> dict:
         {"params": [params["log_scales"]], "lr": 0.1 * LR},
         {"params": [params["quaternions"]], "lr": 0.1 * LR},
         {"params": [params["log_amplitudes"]], "lr": LR},
-    ])  # fmt: skip
+    ], fused=True)  # fmt: skip
 
     model = GaussianModel(**params)  # shares the tensors that Adam updates, as in ``Trainer``
     weights = LossWeights(lambda_mse=1.0, lambda_ssim=LAMBDA_SSIM)
