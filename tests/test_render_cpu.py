@@ -29,6 +29,8 @@ gradient entry in float32, 1e-16 in float64).
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import cache
 
 import pytest
@@ -127,6 +129,35 @@ def test_deterministic_for_any_thread_count(mode: str, monkeypatch: pytest.Monke
             assert torch.equal(got, want)
         for parameter in PARAMETERS:
             assert torch.equal(grads[parameter], first_grads[parameter]), parameter
+
+
+def test_run_parallel_runs_every_worker_once_with_concurrent_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each call runs each worker index once (on the caller and the pool), also with two callers at once (a GUI
+    thread and a fit thread share the pool)."""
+    monkeypatch.setattr(numba_runtime, "THREADS", 2)
+    lock = threading.Lock()
+
+    def record(seen: list, worker: int, num_workers: int) -> None:
+        time.sleep(0.001)  # long enough for the helpers to take tasks too
+        with lock:
+            seen.append((worker, num_workers, threading.get_ident()))
+
+    def call(seen: list) -> None:
+        for _ in range(5):
+            numba_runtime.run_parallel(record, (seen,), (), 100)
+
+    runs: list[list] = [[], []]
+    callers = [threading.Thread(target=call, args=(seen,)) for seen in runs]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    workers = 2 * numba_runtime._TASKS_PER_THREAD
+    for seen in runs:
+        assert sorted((worker, count) for worker, count, _ in seen) == sorted(
+            (worker, workers) for worker in range(workers) for _ in range(5)
+        )
+    assert len({ident for seen in runs for _, _, ident in seen}) >= 2
 
 
 def test_float32_stays_float32() -> None:
