@@ -55,8 +55,9 @@ termination on and off, alternating, each run in its own process, and prints the
 training time (steps only; scoring every ``--psnr-every`` steps is not counted)
 until the lowest PSNR over the training views reaches 30 and 33 dB.
 ``--asm`` prints, per hot kernel, how many instructions of its machine code work
-on vector registers (ymm / zmm) and how many are scalar float operations, from a
-fresh compile.
+on vector registers (ymm / zmm), how many are scalar float operations and how
+many are masked moves or gathers (AVX2's masked stores cannot forward to later
+loads, and are slow on AMD), from a fresh compile.
 
 Usage::
 
@@ -419,7 +420,8 @@ def run_psnr_fits(args: argparse.Namespace) -> int:
 
 def print_vector_instructions() -> None:
     """Compile the hot kernels afresh (float32) and count, per kernel, the instructions of its machine code on
-    vector registers (ymm / zmm: packed) and the scalar float ones (``...ss`` / ``...sd``)."""
+    vector registers (ymm / zmm: packed), the scalar float ones (``...ss`` / ``...sd``) and the masked moves and
+    gathers."""
     code = (
         "import re, torch\n"
         "from napari_neurogs_mip import ssim_cpu\n"
@@ -441,8 +443,9 @@ def print_vector_instructions() -> None:
         "        lines = [l for l in asm.splitlines() if l.startswith('\\t') and not l.startswith('\\t.')]\n"
         "        packed = sum(bool(re.search(r'[yz]mm', l)) for l in lines)\n"
         "        scalar = sum(bool(re.match(r'\\tv?\\w+s[sd]\\t', l)) for l in lines)\n"
+        "        masked = sum(bool(re.match(r'\\tv(p?maskmov|\\w+gather)', l)) for l in lines)\n"
         "        print(f'{module.__name__.rsplit(\".\", 1)[-1]}.{name}: {len(lines)} instructions, {packed} on ymm/zmm, '\n"
-        "              f'{scalar} scalar float')\n"
+        "              f'{scalar} scalar float, {masked} masked moves / gathers')\n"
     )
     done = run_with_empty_cache(code, check=False)
     print(done.stdout.strip())

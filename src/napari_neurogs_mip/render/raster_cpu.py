@@ -54,7 +54,11 @@ per operation; the same holds for NEON (four registers).  Loops of 8 would fit
 one AVX2 register, but LLVM unrolls such short loops completely before the loop
 vectoriser runs and the SLP vectoriser then leaves them scalar (checked on this
 code).  Lane masks compare float coordinates, not the 64-bit lane counter; the
-per-row "any lane?" tests are integer or-reductions (no fast-math needed); a
+per-row "any lane?" tests are 32-bit integer maximum reductions (no fast-math
+needed; numba widens sums and ors of ``uint32`` to 64 bits, which halves the
+vector width of the whole loop); running maxima stored back to the tile use
+``numba_runtime.maximum`` (a compare and select would be stored as a masked
+store, which later loads of those pixels cannot forward from); a
 test of the render mode inside a lane loop makes it scalar (the other mode's
 arrays are empty, so their loads cannot be hoisted), so the mode is tested
 outside; tile-wide loops use unsigned indices too, and the divisions vectorise
