@@ -547,11 +547,14 @@ def _forward(
         # The tile's pairs, copied next to each other: the cache misses of this gather overlap, where the
         # passes below would meet them one at a time.
         for j in range(first, end):
-            pair = items[j]
-            for column in range(8):
-                tile_values[j - first, column] = pair_values[pair, column]
-            for column in range(4):
-                tile_ints[j - first, column] = pair_ints[pair, column]
+            # Every field loaded before any is stored: LLVM then copies each row with one vector load and store
+            # (interleaved loads and stores stay scalar, as the arrays might overlap), and the store queue,
+            # whose entries wait for these mostly missing loads, holds many more pairs' copies in flight.
+            mx, my, ca, cb2, cc, cb, amp, log_amp, l0, l1, r0, r1 = _record(pair_values, pair_ints, items[j])
+            row = j - first
+            tile_values[row, 0], tile_values[row, 1], tile_values[row, 2], tile_values[row, 3] = mx, my, ca, cb2
+            tile_values[row, 4], tile_values[row, 5], tile_values[row, 6], tile_values[row, 7] = cc, cb, amp, log_amp
+            tile_ints[row, 0], tile_ints[row, 1], tile_ints[row, 2], tile_ints[row, 3] = l0, l1, r0, r1
         # ceiling[j]: the largest log a from item j on (the order is descending up to its quantisation).
         running = lowest
         for j in range(end - 1, first - 1, -1):
