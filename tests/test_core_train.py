@@ -47,7 +47,7 @@ def test_parameters_are_clamped_after_a_huge_step(volume):
     params = {n: t.detach() for n, t in trainer._params.items()}
     low, high = trainer._box
     assert bool((params["means"] >= low).all() and (params["means"] <= high).all())
-    assert float(params["log_scales"].min()) >= math.log(0.25 * 1.0) - 1e-6
+    assert float(params["log_scales"].min()) >= math.log(FitConfig().min_scale * 1.0) - 1e-6
     assert float(params["log_scales"].max()) <= math.log(GEOMETRY.longest_side) + 1e-6
     assert LOG_AMPLITUDE_RANGE[0] <= float(params["log_amplitudes"].min())
     assert float(params["log_amplitudes"].max()) <= LOG_AMPLITUDE_RANGE[1]

@@ -16,7 +16,7 @@ Gaussians every ``densify_every`` steps until ``densify_until``, within
 ``max_gaussians``.  After each step the parameters are clamped:
 
 * means to the volume box, half a voxel beyond the outer voxel centres;
-* log-scales to ``[log(0.25 * finest spacing), log(longest side)]`` (physical units);
+* log-scales to ``[log(min_scale * finest spacing), log(longest side)]`` (physical units);
 * log-amplitudes to ``[-10, 6]`` (the NeuRoGS v7 range).
 """
 
@@ -74,6 +74,8 @@ class FitConfig:
     lr_scales: float = setting(1e-2, "learning rate of the log-scales", positive=True)
     lr_rotations: float = setting(1e-2, "learning rate of the quaternions", positive=True)
     lr_amplitudes: float = setting(1e-2, "learning rate of the log-amplitudes", positive=True)
+    min_scale: float = setting(0.7, "smallest Gaussian standard deviation, in finest voxel spacings (smaller ones "
+                               "fit single noisy voxels)", positive=True, unit="voxels")  # fmt: skip
     lambda_mse: float = setting(1.0, "weight of the mean squared error", minimum=0, group="loss", flag="--lambda_mse")
     lambda_ssim: float = setting(0.1, "weight of 1 - SSIM", minimum=0, group="loss", flag="--lambda_ssim")
     lambda_l1: float = setting(0.0, "weight of the mean absolute error", minimum=0, group="loss", flag="--lambda_l1")
@@ -293,7 +295,7 @@ class Trainer:
             -0.5 * spacing,
             torch.as_tensor(geometry.extent_xyz, device=self.device).to(spacing) + 0.5 * spacing,
         )
-        self._log_scale_range = (math.log(0.25 * float(geometry.spacing_xyz.min())), math.log(longest))
+        self._log_scale_range = (math.log(config.min_scale * float(geometry.spacing_xyz.min())), math.log(longest))
         self.last_change: DensityChange | None = None
         self._clamp()
         self._lock = threading.Lock()
