@@ -58,6 +58,17 @@ until the lowest PSNR over the training views reaches 30 and 33 dB.
 on vector registers (ymm / zmm), how many are scalar float operations and how
 many are masked moves or gathers (AVX2's masked stores cannot forward to later
 loads, and are slow on AMD), from a fresh compile.
+``--asm-target aarch64`` counts the same for ARM NEON without an ARM machine: a
+child compiles the kernels with ``NUMBA_OPT=0`` for the generic CPU, and each
+kernel's LLVM IR, retargeted to ``aarch64-unknown-linux-gnu`` (Cortex-A76, NEON
+only; ``aarch64:apple-m1`` for another CPU), goes through the passes numba runs
+(``cross_compile``) into AArch64 assembly: instructions on NEON registers
+(``v0.4s``, ``q0``), scalar float ones (``s0`` / ``d0``) and single-lane moves,
+plus the loop vectoriser's remarks (loops vectorised, loops its cost model
+leaves scalar) and the calls left in the kernel.  ``x86-64`` runs the same
+pipeline for haswell; its counts agree with ``--asm`` under
+``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma`` to about 1 %, which
+checks the method (the last usage line prints both).
 
 Usage::
 
@@ -68,21 +79,27 @@ Usage::
     python benchmarks/bench_cpu.py --torch-threads 1          # PyTorch single-threaded, kernels on all CPUs
     python benchmarks/bench_cpu.py --psnr-fit --rounds 2       # time to 30 / 33 dB on the sample, ET on vs off
     python benchmarks/bench_cpu.py --asm                  # what vectorises in the hot kernels
+    python benchmarks/bench_cpu.py --asm-target aarch64   # ... cross-compiled for ARM NEON
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma python benchmarks/bench_cpu.py --asm --asm-target x86-64,aarch64
     python benchmarks/bench_cpu.py --smoke               # tiny scenes: checks the script only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from bench_scenes import NUM_GAUSSIANS, VOLUME_ZYX, Scenario, perturbed, random_gaussians
 
@@ -116,6 +133,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--psnr-every", type=int, default=10, help="steps between PSNR checks (--psnr-fit)")
     parser.add_argument("--psnr-iterations", type=int, default=1000, help="most steps of a --psnr-fit run")
     parser.add_argument("--asm", action="store_true", help="count vector instructions in the hot kernels")
+    parser.add_argument(
+        "--asm-target",
+        default=None,
+        help="cross-compile the hot kernels for these targets and count (comma list of aarch64, x86-64; NAME:CPU)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per backend (best and median shown)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per round (default per backend)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads in the children")
@@ -127,6 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny scenes, one short round: checks the script")
     parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "BACKEND"), help=argparse.SUPPRESS)
     parser.add_argument("--psnr-child", choices=("on", "off"), help=argparse.SUPPRESS)
+    parser.add_argument("--asm-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -418,36 +441,211 @@ def run_psnr_fits(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- vectorisation
 
 
-def print_vector_instructions() -> None:
-    """Compile the hot kernels afresh (float32) and count, per kernel, the instructions of its machine code on
-    vector registers (ymm / zmm: packed), the scalar float ones (``...ss`` / ``...sd``) and the masked moves and
-    gathers."""
-    code = (
-        "import re, torch\n"
-        "from napari_neurogs_mip import ssim_cpu\n"
-        "from napari_neurogs_mip.losses import ssim\n"
-        "from napari_neurogs_mip.render import raster_cpu, project_cpu\n"
-        "from napari_neurogs_mip.render.project import Projection\n"
-        "for mode in ('soft', 'max'):\n"
-        "    p = Projection(torch.tensor([[[3.0, 4.0]]], requires_grad=True), torch.tensor([[[0.5, 0.1, 0.5]]]),\n"
-        "                   torch.tensor([[0.7]]), torch.tensor([[[0, 0, 7, 7]]], dtype=torch.int32), [(20, 20)])\n"
-        "    sum(i.sum() for i in raster_cpu.rasterize(p, mode, 50.0)).backward()\n"
-        "x = torch.rand(20, 20, requires_grad=True)\n"
-        "ssim(x, torch.rand(20, 20)).backward()\n"
-        "kernels = [(raster_cpu, '_forward'), (raster_cpu, '_backward'), (ssim_cpu, '_ssim_rows'),\n"
-        "           (ssim_cpu, '_gradient_rows')]\n"
-        "for module, name in kernels:\n"
-        "    for signature, asm in getattr(module, name).inspect_asm().items():\n"
-        "        if 'float32' not in str(signature) and module is raster_cpu:\n"
-        "            continue\n"
-        "        lines = [l for l in asm.splitlines() if l.startswith('\\t') and not l.startswith('\\t.')]\n"
-        "        packed = sum(bool(re.search(r'[yz]mm', l)) for l in lines)\n"
-        "        scalar = sum(bool(re.match(r'\\tv?\\w+s[sd]\\t', l)) for l in lines)\n"
-        "        masked = sum(bool(re.match(r'\\tv(p?maskmov|\\w+gather)', l)) for l in lines)\n"
-        "        print(f'{module.__name__.rsplit(\".\", 1)[-1]}.{name}: {len(lines)} instructions, {packed} on ymm/zmm, '\n"
-        "              f'{scalar} scalar float, {masked} masked moves / gathers')\n"
-    )
-    done = run_with_empty_cache(code, check=False)
+# Cross-compile targets of ``--asm-target``: LLVM triple, default CPU (``NAME:CPU`` picks another), features.
+CROSS_TARGETS: dict[str, tuple[str, str, str]] = {
+    # NEON only, no SVE: the 128-bit vectors every AArch64 core has.  Cortex-A76 is the core of the Raspberry
+    # Pi 5 and, as Neoverse N1, of AWS Graviton2 and Ampere Altra; ``aarch64:apple-m1`` models Apple's cores.
+    "aarch64": ("aarch64-unknown-linux-gnu", "cortex-a76", "+neon"),
+    # The method's own check: numba's compile for haswell (``--asm`` with NUMBA_CPU_NAME=haswell, AVX-512 off)
+    # gives nearly the same counts as this pipeline retargeted to it.
+    "x86-64": ("x86_64-unknown-linux-gnu", "haswell", ""),
+}
+_AARCH64_VECTOR = re.compile(r"\bv\d+\.\d+[bhsd]\b|\bq\d+\b")  # v0.4s / v1.2d / q2: a full NEON register
+_AARCH64_SCALAR = re.compile(r"\b[hsd]\d+\b")  # s0 / d1: one float in the low lane of a NEON register
+# Element-wise inserts and extracts (ld1 {v0.s}[1], mov v0.s[1], w8, ...): NEON's gathers and scatters.
+_AARCH64_LANE = re.compile(r"\t(ld1|st1|ins|mov|umov|smov)\t.*\bv\d+\.[bhsd]\}?\[\d+\]")
+
+
+def hot_kernels() -> list[tuple[str, Any, Any]]:
+    """Compile the hot kernels by calling them on tiny inputs; ``(label, dispatcher, signature)`` of each float32
+    compilation (the rasteriser's float64 ones, which only tests use, left out)."""
+    import torch
+
+    from napari_neurogs_mip import ssim_cpu
+    from napari_neurogs_mip.losses import ssim
+    from napari_neurogs_mip.render import raster_cpu
+    from napari_neurogs_mip.render.project import Projection
+
+    for mode in ("soft", "max"):
+        p = Projection(torch.tensor([[[3.0, 4.0]]], requires_grad=True), torch.tensor([[[0.5, 0.1, 0.5]]]),
+                       torch.tensor([[0.7]]), torch.tensor([[[0, 0, 7, 7]]], dtype=torch.int32), [(20, 20)])  # fmt: skip
+        sum(i.sum() for i in raster_cpu.rasterize(p, mode, 50.0)).backward()
+    x = torch.rand(20, 20, requires_grad=True)
+    ssim(x, torch.rand(20, 20)).backward()
+    kernels = []
+    for module, name in ((raster_cpu, "_forward"), (raster_cpu, "_backward"), (ssim_cpu, "_ssim_rows"),
+                         (ssim_cpu, "_gradient_rows")):  # fmt: skip
+        dispatcher = getattr(module, name)
+        for signature in dispatcher.overloads:
+            if module is raster_cpu and "float32" not in str(signature):
+                continue
+            kernels.append((f"{module.__name__.rsplit('.', 1)[-1]}.{name}", dispatcher, signature))
+    return kernels
+
+
+def count_instructions(asm: str, arch: str) -> tuple[int, int, int, int]:
+    """Instructions of assembly text, and how many work on vector registers, are scalar float operations, and
+    are masked moves or gathers (x86) / single-lane moves (aarch64).
+
+    x86: vector means on ymm / zmm (xmm is also where scalar floats live), scalar ``...ss`` / ``...sd``.
+    aarch64: vector means a full NEON register (``v0.4s``, ``q0``), scalar an ``s`` / ``d`` register operand
+    (``fadd s0, s1, s2``, ``ldr s0``), the NEON counterpart of ``vaddss`` / ``vmovss``.
+    """
+    lines = [line for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+    if arch == "aarch64":
+        vector = [bool(_AARCH64_VECTOR.search(line)) for line in lines]
+        scalar = sum(not v and bool(_AARCH64_SCALAR.search(line.partition("\t")[2].partition("\t")[2]))
+                     for v, line in zip(vector, lines))  # fmt: skip
+        lane = sum(bool(_AARCH64_LANE.match(line)) for line in lines)
+        return len(lines), sum(vector), scalar, lane
+    packed = sum(bool(re.search(r"[yz]mm", line)) for line in lines)
+    scalar = sum(bool(re.match(r"\tv?\w+s[sd]\t", line)) for line in lines)
+    masked = sum(bool(re.match(r"\tv(p?maskmov|\w+gather)", line)) for line in lines)
+    return len(lines), packed, scalar, masked
+
+
+def describe_counts(label: str, counts: tuple[int, int, int, int], arch: str) -> str:
+    """One line of the ``--asm`` table."""
+    total, vector, scalar, other = counts
+    if arch == "aarch64":
+        return (f"{label}: {total} instructions, {vector} on NEON registers (v.4s / v.2d / q), {scalar} scalar "
+                f"float, {other} single-lane moves")  # fmt: skip
+    return f"{label}: {total} instructions, {vector} on ymm/zmm, {scalar} scalar float, {other} masked moves / gathers"
+
+
+def called_functions(asm: str, function: str) -> list[str]:
+    """Names that ``function`` calls in assembly text (x86 ``call``, aarch64 ``bl``), without local labels."""
+    body = asm.partition(f"\n{function}:\n")[2].partition(".Lfunc_end")[0]
+    # x86-64 code for the JIT's large code model calls through a register loaded with ``movabsq $name``.
+    pattern = r"^\t(?:call[lq]?\t|bl\t|movabsq\t\$)([A-Za-z_][\w.$@]*)"
+    return sorted(set(re.findall(pattern, body, re.MULTILINE)))
+
+
+@contextlib.contextmanager
+def stderr_into(path: str) -> Iterator[None]:
+    """Redirect file descriptor 2 (where LLVM writes its optimisation remarks) into ``path``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "w") as handle:
+            os.dup2(handle.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cross_compile(ir: str, triple: str, cpu: str, features: str) -> str:
+    """Assembly for ``triple`` / ``cpu`` of numba's unoptimised IR, through the passes numba itself runs.
+
+    The IR comes from a ``NUMBA_OPT=0`` compile for the generic CPU: no host-specific vectorisation yet, and
+    only target-independent intrinsics (``llvm.maxnum``, ``llvm.cttz``, ...), which is checked.  Its data
+    layout (x86-64's, which numba used for struct sizes and alignments) is replaced by the target's; both are
+    LP64 with 8-byte ``i64`` and pointers, so the layouts numba computed hold there too.  The passes mirror
+    ``numba.core.codegen``: each function at O3, then a cheap module pass (loop rotation, instcombine, jump
+    threading) and the full O3 module pipeline, each followed by numba's reference-count pruning (left out,
+    the leftover ``NRT_incref`` calls keep loops scalar that vectorise in numba's own compile); the loop
+    vectoriser on and the SLP vectoriser off, as numba's defaults (``NUMBA_LOOP_VECTORIZE`` /
+    ``NUMBA_SLP_VECTORIZE`` are honoured).
+    """
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    llvm.initialize_all_targets()  # idempotent; numba initialises only the host's
+    llvm.initialize_all_asmprinters()
+    target = llvm.Target.from_triple(triple)
+    machine = target.create_target_machine(cpu=cpu, features=features, opt=3)
+    foreign = sorted(set(re.findall(r"@(llvm\.(?:x86|aarch64|arm)\.[\w.]+)", ir)))
+    if foreign:
+        raise RuntimeError(f"the IR uses target-specific intrinsics, which do not retarget: {foreign}")
+    ir = re.sub(r"^target triple = .*$", f'target triple = "{triple}"', ir, flags=re.MULTILINE)
+    ir = re.sub(r"^target datalayout = .*$", f'target datalayout = "{machine.target_data}"', ir, flags=re.MULTILINE)
+    # Host attributes would override the target machine's CPU per function (there are none with
+    # NUMBA_CPU_NAME=generic, but a cached or host compile has them).
+    ir = re.sub(r'\s*"target-(?:cpu|features)"="[^"]*"', "", ir)
+    module = llvm.parse_assembly(ir)
+    module.verify()
+
+    def builder(level: int, vectorise: bool) -> Any:
+        options = llvm.create_pipeline_tuning_options(speed_level=level)
+        options.loop_vectorization = vectorise and bool(config.LOOP_VECTORIZE)
+        options.slp_vectorization = vectorise and bool(config.SLP_VECTORIZE)
+        return llvm.create_pass_builder(machine, options)
+
+    functions = builder(3, True)
+    function_passes = functions.getFunctionPassManager()
+    function_passes.add_refprune_pass()
+    for function in module.functions:
+        if not function.is_declaration:
+            function_passes.run(function, functions)
+    cheap = builder(0, False)
+    cheap_passes = cheap.getModulePassManager()
+    cheap_passes.add_loop_rotate_pass()
+    cheap_passes.add_instruction_combine_pass()
+    cheap_passes.add_jump_threading_pass()
+    cheap_passes.add_refprune_pass()
+    cheap_passes.run(module, cheap)
+    full = builder(3, True)
+    full_passes = full.getModulePassManager()
+    full_passes.add_refprune_pass()
+    full_passes.run(module, full)
+    return machine.emit_assembly(module)
+
+
+def loop_remarks(text: str) -> str:
+    """Summary of the loop vectoriser's remarks: loops vectorised (by width) and loops its cost model left
+    scalar (other refusals, such as loops with early exits or calls, are the same on every target)."""
+    widths = re.findall(r"vectorized loop \(vectorization width: (\d+)", text)
+    by_width = ", ".join(f"{widths.count(w)} x {w}" for w in sorted(set(widths), key=int))
+    rejected = text.count("vectorization is not beneficial")
+    vectorised = f"{len(widths)} ({by_width} lanes)" if widths else "none"
+    return f"loops vectorised: {vectorised}, left scalar by the cost model: {rejected}"
+
+
+def run_asm_child(what: str) -> None:
+    """Print the ``--asm`` table: ``native`` (numba's own compile for this process's target), or each target of
+    a comma list of :data:`CROSS_TARGETS` names (``NAME`` or ``NAME:CPU``), cross-compiled."""
+    import llvmlite.binding as llvm
+
+    kernels = hot_kernels()
+    if what == "native":
+        arch = "aarch64" if llvm.get_process_triple().startswith(("aarch64", "arm64")) else "x86"
+        for label, dispatcher, signature in kernels:
+            print(describe_counts(label, count_instructions(dispatcher.inspect_asm(signature), arch), arch))
+        return
+    llvm.initialize_all_targets()
+    for kind in ("", "-missed", "-analysis"):  # the cost model's verdict is an analysis remark
+        llvm.set_option("", f"-pass-remarks{kind}=loop-vectorize")
+    for item in what.split(","):
+        name, _, cpu = item.strip().partition(":")
+        triple, default_cpu, features = CROSS_TARGETS[name]
+        arch = "aarch64" if triple.startswith("aarch64") else "x86"
+        try:
+            llvm.Target.from_triple(triple)
+        except RuntimeError as error:
+            print(f"{name}: llvmlite has no {triple} target ({error})")
+            continue
+        print(f"cross-compiled for {triple}, cpu {cpu or default_cpu} {features}".rstrip() + ":")
+        for label, dispatcher, signature in kernels:
+            with tempfile.NamedTemporaryFile("r", suffix=".txt") as remarks:
+                with stderr_into(remarks.name):
+                    asm = cross_compile(dispatcher.inspect_llvm(signature), triple, cpu or default_cpu, features)
+                remark_text = remarks.read()
+            print("  " + describe_counts(label, count_instructions(asm, arch), arch))
+            calls = called_functions(asm, dispatcher.overloads[signature].fndesc.mangled_name)
+            print(f"    {loop_remarks(remark_text)}; calls: {', '.join(calls) or 'none'}")
+
+
+def print_vector_instructions(targets: str | None) -> None:
+    """Count, per hot kernel (float32), the instructions of its machine code on vector registers, the scalar
+    float ones and the masked moves and gathers: from numba's own compile (``targets`` None), or cross-compiled
+    from numba's IR for ``targets`` (see :func:`cross_compile`)."""
+    env = {} if targets is None else {"NUMBA_OPT": "0", "NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": ""}
+    with tempfile.TemporaryDirectory() as cache:
+        # An empty cache: every kernel compiles afresh (a cached one has no IR to show).
+        env = {**os.environ, **env, "NUMBA_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--asm-child", targets or "native"],
+                              env=env, capture_output=True, text=True)  # fmt: skip
     print(done.stdout.strip())
     if done.returncode != 0:
         print(done.stderr[-3000:])
@@ -499,9 +697,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.psnr_child:
         print("RESULT " + json.dumps(psnr_fit(args.psnr_child == "on", args.psnr_every, args.psnr_iterations)))
         return 0
-    if args.asm:
-        print(simd_description())
-        print_vector_instructions()
+    if args.asm_child:
+        run_asm_child(args.asm_child)
+        return 0
+    if args.asm or args.asm_target:
+        if args.asm:
+            print(simd_description())
+            print_vector_instructions(None)
+        if args.asm_target:
+            unknown = [t for t in args.asm_target.split(",") if t.strip().partition(":")[0] not in CROSS_TARGETS]
+            if unknown:
+                print(f"bench_cpu: unknown --asm-target {unknown}; choose from {sorted(CROSS_TARGETS)} (NAME:CPU)")
+                return 2
+            print_vector_instructions(args.asm_target)
         return 0
     if args.psnr_fit:
         return run_psnr_fits(args)

@@ -50,7 +50,12 @@ kernel): the lane loops run 16 iterations without calls or branches, with
 unsigned indices (a signed one adds numba's negative-index wrap-around, which
 blocks the vectoriser) and the exponentials inlined (``numba_runtime.exp``), so
 LLVM turns them into two ymm (AVX2, float32) or one zmm (AVX-512) instruction
-per operation; the same holds for NEON (four registers).  Loops of 8 would fit
+per operation; on NEON (four-lane registers) the same loops vectorise as long
+as no load is conditional on a lane's mask: NEON has no masked load, so LLVM
+keeps such a loop scalar (the backward's lane loops did, by the cross-compiled
+check ``bench_cpu.py --asm-target aarch64``), and on AVX2 it is a
+``vmaskmov``, slow on AMD; the kernels load in every lane (rows are padded) and
+select afterwards.  Loops of 8 would fit
 one AVX2 register, but LLVM unrolls such short loops completely before the loop
 vectoriser runs and the SLP vectoriser then leaves them scalar (checked on this
 code).  Lane masks compare float coordinates, not the 64-bit lane counter; the
@@ -712,7 +717,8 @@ def _forward(
                 s = norm[i]
                 covered = s > zero
                 denominator = s if covered else one
-                weighted[i] = weighted[i] / denominator if covered else zero
+                w = weighted[i]  # loaded in every lane: see _pair_row on conditional loads
+                weighted[i] = w / denominator if covered else zero
                 norm[i] = one / denominator if covered else zero
         # Write back: kernel layout for the backward pass, row-major image for the caller.
         width, image_offset = layout[v, _W], layout[v, _IMAGE_OFFSET]
@@ -845,8 +851,12 @@ def _pair_row(
             g = amp * e_q
             # Masked lanes take exp(0): far below the peak their exp(beta (g - m)) / S can be subnormal, and
             # subnormal arithmetic is slow even when the result is then discarded.
-            s = exp(beta * (g - peak_k[p]) if taken else zero) * inv_norm_k[p]
-            dg = grad_k[p] * s * (one + beta * (g - out_k[p]))
+            # Loaded in every lane (rows are padded, p is in range): a load made conditional on ``taken`` is a
+            # masked load on AVX2 (slow on AMD) and keeps the loop scalar on NEON, which has none
+            # (``bench_cpu.py --asm-target aarch64``).
+            pk, gk, ok, ik = peak_k[p], grad_k[p], out_k[p], inv_norm_k[p]
+            s = exp(beta * (g - pk) if taken else zero) * ik
+            dg = gk * s * (one + beta * (g - ok))
             _accumulate(acc, ul, dg if taken else zero, e_q, g, dx, dy, half)
     else:
         for lane in range(LANES):
@@ -856,7 +866,8 @@ def _pair_row(
             dx, dy, q = _offset(fixed, at, mx, my, ca, cb2, cc, transposed)
             taken = (at >= lo) & (at <= hi) & (q <= cutoff) & (argmax_k[p] == pair)
             e_q = exp(-half * min(q, cutoff))
-            _accumulate(acc, ul, grad_k[p] if taken else zero, e_q, amp * e_q, dx, dy, half)
+            gk = grad_k[p]  # loaded in every lane, as above
+            _accumulate(acc, ul, gk if taken else zero, e_q, amp * e_q, dx, dy, half)
 
 
 @kernel
