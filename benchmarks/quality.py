@@ -8,10 +8,12 @@ Datasets
                  from the package index on first use (skipped with the reason when offline).
 Variants
     ``before``   the seed design: 2,000 Gaussians drawn by brightness, fixed count, shape learning
-                 rates 0.1 x lr, beta 50, constant learning rate, the three axis views (the targets are
-                 today's: orbit views by voxel maximum, per-view background);
+                 rates 0.1 x lr, beta 50, constant learning rate, the three axis views, the render
+                 compared as it is, Gaussians down to a quarter voxel (the targets are today's: orbit
+                 views by voxel maximum, per-view background);
     ``after``    today's defaults: foreground-spread start, density control, per-group learning
-                 rates, the default views (axis views plus two oblique ones).
+                 rates, the default views (axis views plus two oblique ones), the background-noise
+                 model of the loss, Gaussians of at least 0.7 voxel.
 
 Synthetic volumes are fitted to their noisy MIPs and scored against the MIPs of the same volume without
 noise (``clean`` columns), with the fit's own normalisation; the scores against the noisy targets and the
@@ -83,6 +85,8 @@ VARIANTS = {
             "lr_amplitudes": 1e-3,
             "beta": 50.0,
             "schedule": "none",
+            "background_noise": False,
+            "min_scale": 0.25,
         },
     ),
     "after": Variant("after", {}, {}),
