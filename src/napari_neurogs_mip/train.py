@@ -13,7 +13,11 @@ steps log-scales moved by 0.02 (median), so Gaussians stayed round while
 neurites are long and thin; the defaults here were chosen by measurement (see
 ``docs/quality.md``).  With ``densify`` on, :mod:`.densify` adds and removes
 Gaussians every ``densify_every`` steps until ``densify_until``, within
-``max_gaussians``.  After each step the parameters are clamped:
+``max_gaussians``.  With ``background_noise`` (the default) the loss compares each
+render as its view's background noise maxima would show it
+(:class:`.losses.BackgroundMax`): the loss terms of the events are those
+of the compared renders, previews and scores show the renders themselves.
+After each step the parameters are clamped:
 
 * means to the volume box, half a voxel beyond the outer voxel centres;
 * log-scales to ``[log(min_scale * finest spacing), log(longest side)]`` (physical units);
