@@ -50,7 +50,7 @@ def test_the_cpu_kernel_computes_what_the_pytorch_ops_compute(dtype, monkeypatch
         return value.detach(), leaf.grad
 
     kernel = value_and_slope()
-    monkeypatch.setattr(losses, "_background_kernel_applies", lambda image: False)
+    monkeypatch.setattr(losses, "_cpu_kernels_apply", lambda *images: False)
     reference = value_and_slope()
     assert kernel[0].dtype == dtype
     np.testing.assert_allclose(kernel[0], reference[0], rtol=0, atol=1e-6)
@@ -60,7 +60,7 @@ def test_the_cpu_kernel_computes_what_the_pytorch_ops_compute(dtype, monkeypatch
 @pytest.mark.parametrize("kernel", [True, False], ids=["numba", "pytorch"])
 def test_a_noise_free_background_changes_nothing_and_nan_is_kept(kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(losses, "_background_kernel_applies", lambda image: False)
+        monkeypatch.setattr(losses, "_cpu_kernels_apply", lambda *images: False)
     seen = BackgroundMax(np.zeros(1000))
     image = torch.tensor([0.0, 0.25, 1.0, float("nan")])
     out = seen(image)

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .numba_runtime import IMPORT_ERROR, kernel, run_parallel
+from .numba_runtime import kernel, run_parallel
 
-__all__ = ["expected_max", "unavailable_reason"]
+__all__ = ["expected_max"]
 
 _PIXELS_PER_WORKER = 131_072
-
-
-def unavailable_reason() -> str | None:
-    """Why this kernel cannot run here, or ``None``."""
-    return IMPORT_ERROR
 
 
 @kernel

@@ -86,15 +86,15 @@ def ssim(rendered: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) 
     return _ssim_torch(rendered, target, c1, c2)
 
 
-def _cpu_kernels_apply(rendered: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether :mod:`.ssim_cpu` computes this SSIM: CPU images of one float32/float64 dtype, numba present."""
-    if rendered.device.type != "cpu" or target.device.type != "cpu" or rendered.dtype != target.dtype:
+def _cpu_kernels_apply(*images: torch.Tensor) -> bool:
+    """Whether the numba kernels (:mod:`.ssim_cpu`, :mod:`.background_cpu`) take these images: CPU images of one
+    float32/float64 dtype, numba present."""
+    dtype = images[0].dtype
+    if dtype not in (torch.float32, torch.float64) or any(i.device.type != "cpu" or i.dtype != dtype for i in images):
         return False
-    if rendered.dtype not in (torch.float32, torch.float64):
-        return False
-    from .ssim_cpu import unavailable_reason
+    from .numba_runtime import IMPORT_ERROR
 
-    return unavailable_reason() is None
+    return IMPORT_ERROR is None
 
 
 def _ssim_torch(rendered: torch.Tensor, target: torch.Tensor, c1: float, c2: float) -> torch.Tensor:
@@ -141,8 +141,16 @@ class BackgroundMax:
         below = np.searchsorted(values, grid, side="right")
         above = np.concatenate([[0.0], np.cumsum(values[::-1])])[values.size - below]
         self._table = torch.as_tensor((grid * below + above) / values.size, dtype=torch.float64)
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        """The table on each device and dtype it was asked for (converted once, not at every step)."""
         self._bins = bins
         self._scale = bins / self.top if self.top > 0 else 0.0
+
+    def _table_for(self, image: torch.Tensor) -> torch.Tensor:
+        key = (image.device, image.dtype)
+        if key not in self._tables:
+            self._tables[key] = self._table.to(device=image.device, dtype=image.dtype)
+        return self._tables[key]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """``E[max(image, B)]`` per pixel (differentiable; same shape, dtype and device; NaN stays NaN).
@@ -152,9 +160,9 @@ class BackgroundMax:
         """
         if self.top == 0.0:
             return image.clamp_min(0.0)
-        if _background_kernel_applies(image):
-            return _ExpectedMax.apply(image, self._table.to(image.dtype).numpy(), self._scale)
-        table = self._table.to(device=image.device, dtype=image.dtype)
+        table = self._table_for(image)
+        if _cpu_kernels_apply(image):
+            return _ExpectedMax.apply(image, table.numpy(), self._scale)
         position = image.clamp(0.0, self.top) * self._scale
         # NaN pixels index the table at 0 and come out as NaN (the trainer must see them).
         index = position.detach().nan_to_num(0.0).floor().clamp(max=self._bins - 1).long()
@@ -163,23 +171,15 @@ class BackgroundMax:
         return torch.where(image < self.top, inside, image)
 
 
-def _background_kernel_applies(image: torch.Tensor) -> bool:
-    """Whether :mod:`.background_cpu` computes the map of this image: a CPU float32/float64 image, numba present."""
-    if image.device.type != "cpu" or image.dtype not in (torch.float32, torch.float64):
-        return False
-    from .background_cpu import unavailable_reason
-
-    return unavailable_reason() is None
-
-
 class _ExpectedMax(torch.autograd.Function):
     """:class:`BackgroundMax` on a CPU image: values and slopes in one numba pass, the slopes kept for backward."""
 
     @staticmethod
     def forward(ctx: Any, image: torch.Tensor, table: np.ndarray, scale: float) -> torch.Tensor:
         from .background_cpu import expected_max
+        from .numba_runtime import numpy_view
 
-        value, slope = expected_max(image.detach().contiguous().numpy(), table, scale)
+        value, slope = expected_max(numpy_view(image), table, scale)
         ctx.slope = torch.from_numpy(slope)
         return torch.from_numpy(value)
 

@@ -37,17 +37,12 @@ import numpy as np
 import torch
 
 from . import numba_runtime
-from .numba_runtime import IMPORT_ERROR, jit, kernel, numpy_view, run_parallel
+from .numba_runtime import jit, kernel, numpy_view, run_parallel
 
-__all__ = ["ssim", "unavailable_reason"]
+__all__ = ["ssim"]
 
 _PIXELS_PER_WORKER = 65_536
 _SUM_LANES = 16  # float64 partial sums of a row of the SSIM map
-
-
-def unavailable_reason() -> str | None:
-    """Why these kernels cannot run here, or ``None``."""
-    return IMPORT_ERROR
 
 
 @jit
@@ -275,6 +270,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: np.ndarray, c1: float, c2: fl
     c1, c2
         The stabilising constants ``(0.01 L)^2`` and ``(0.03 L)^2`` for data range ``L``.
 
-    Callers check :func:`unavailable_reason` first (``losses.ssim`` does).
+    Callers check that numba is present first (``losses.ssim`` does).
     """
     return _Ssim.apply(x, y, window, float(c1), float(c2))
