@@ -18,8 +18,8 @@ Without Qt (tested without a viewer):
   are the npe2 contributions named in ``napari.yaml``;
 * :mod:`._responsiveness` measures main-thread stalls for a benchmark.
 
-With Qt: :mod:`._qt` (the panels, the live layers and the dock widget that
-composes them), :mod:`._loss_plot`, :mod:`._threads` (a private thread pool and
+With Qt: :mod:`._qt` (the panels, the live layers, the throttled refresh and
+the dock widgets that compose them), :mod:`._loss_plot`, :mod:`._threads` (a private thread pool and
 the session's runner), :mod:`._field_widget`.  Nothing here is imported by the
 core, and napari and Qt are imported lazily, so readers and writers stay light.
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -37,11 +37,11 @@ from .._block_session import BlockDone, BlockSession, BlockState, Planned
 from .._layers import mip_layer
 from .._layout import free_x, view_layout
 from .._threads import forget_at_close, qt_runner, stop_at_exit
-from .._throttle import Throttle
 from .._triton_guard import guard_triton_import
 from .live_layers import LiveLayers
 from .rows import FileRow, Row, bare, group, info_label
 from .settings_panel import SettingsPanel
+from .throttled import ThrottledCall
 
 if TYPE_CHECKING:
     import napari
@@ -86,10 +86,7 @@ class BlockWidget(QWidget):
         self.live = LiveLayers(napari_viewer, parent=self)
         self.layers: list[Any] = []
         """The merged MIP layers of the current run, one per view."""
-        self._throttle = Throttle(REFRESH_S)
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.timeout.connect(self._refresh)
+        self._refreshes = ThrottledCall(self._refresh, REFRESH_S, self)
         self._build()
         self._connect()
         self._refresh_sources()
@@ -253,7 +250,7 @@ class BlockWidget(QWidget):
             return
         self.progress.setRange(0, 0)  # busy until the survey says how many chunks it reads
         self.progress.setFormat("starting…")
-        self._throttle.reset()
+        self._refreshes.reset()
         self.session.start(target, out, **options)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
@@ -287,12 +284,10 @@ class BlockWidget(QWidget):
 
     def _on_block(self, block: BlockDone) -> None:
         self.progress.setValue(block.done)
-        if not self._timer.isActive():
-            self._timer.start(int(self._throttle.delay() * 1000))
+        self._refreshes.request()
 
     def _refresh(self) -> None:
         """Show the session's merged MIPs (changed in place by the session, on this thread) in their layers."""
-        self._throttle.mark()
         for layer, image in zip(self.layers, self.session.images):
             if layer in self.viewer.layers:  # else removed by the user: respect that until the next run
                 layer.data = image
@@ -309,9 +304,9 @@ class BlockWidget(QWidget):
         show_error(message)
 
     def _on_ended(self) -> None:
-        self._timer.stop()
+        self._refreshes.cancel()
         if self.layers:
-            self._refresh()
+            self._refreshes.now()
         if self.progress.maximum() == 0:  # ended before the survey reported: no busy bar left behind
             self.progress.setRange(0, 1)
         self._on_state(self.session.state)

@@ -4,7 +4,7 @@ The widget owns no fit state: the session holds it (state, trainer, latest
 step and images) and the widget listens to its events.  The panels each return
 their part of the core's inputs; :class:`.live_layers.LiveLayers` changes the
 layers.  Layer updates are throttled to one refresh per :data:`REFRESH_S`
-(:class:`.._throttle.Throttle`), however fast the fit steps.
+(:class:`.throttled.ThrottledCall`), however fast the fit steps.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import QFileDialog, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 from ...io.tiff import write_mips
@@ -25,7 +25,6 @@ from .._fit_events import Ready
 from .._session import FitSession, FitState
 from .._summary import exported_message, finished_message, progress_line, refused_message, summary_html
 from .._threads import forget_at_close, qt_runner, start_worker, stop_at_exit
-from .._throttle import Throttle
 from .._triton_guard import guard_triton_import
 from .live_layers import LiveLayers
 from .model_panel import ModelPanel
@@ -33,6 +32,7 @@ from .rows import bare
 from .run_panel import RunPanel
 from .settings_panel import SettingsPanel
 from .target_panel import TargetPanel
+from .throttled import ThrottledCall
 from .views_panel import ViewsPanel
 
 if TYPE_CHECKING:
@@ -76,14 +76,11 @@ class FitWidget(QWidget):
         self.target_panel, self.views_panel = TargetPanel(napari_viewer), ViewsPanel()
         self.model_panel, self.settings_panel, self.run_panel = ModelPanel(napari_viewer), SettingsPanel(), RunPanel()
         self._build()
-        self._throttle = Throttle(REFRESH_S)
+        self._refreshes = ThrottledCall(self._refresh, REFRESH_S, self)
         self._shown_iteration = -1
         """The iteration whose render the live layers were last given."""
         self._source = None
         """The layer the current fit's volume comes from (its axes and picks), if any."""
-        self._refresh_timer = QTimer(self)
-        self._refresh_timer.setSingleShot(True)
-        self._refresh_timer.timeout.connect(self._refresh)
         self._connect()
 
     def _build(self) -> None:
@@ -117,7 +114,7 @@ class FitWidget(QWidget):
         session.status.events.message.connect(lambda text: run.status_label.setText(text))
         session.status.events.backend.connect(lambda text: run.backend_label.setText(text or "backend: …"))
         session.events.ready.connect(self._on_ready)
-        session.events.step.connect(lambda _: self._schedule_refresh())
+        session.events.step.connect(lambda _: self._refreshes.request())
         session.events.checkpoint.connect(lambda e: run.backend_label.setToolTip(f"last checkpoint: {e.path}"))
         session.events.finished.connect(self._on_finished)
         session.events.fitted.connect(self._on_fitted)
@@ -184,7 +181,7 @@ class FitWidget(QWidget):
         run.loss_plot.reset(config.iterations)
         run.progress.setRange(0, config.iterations)
         run.progress.setValue(0)
-        self._throttle.reset()
+        self._refreshes.reset()
         self.session.start(inputs, config, hold=True, snapshot=run.snapshot_check.isChecked())
 
     def toggle_pause(self) -> None:
@@ -193,7 +190,7 @@ class FitWidget(QWidget):
             self.session.resume()
         else:
             self.session.pause()
-            self._schedule_refresh()
+            self._refreshes.request()
 
     def stop(self) -> None:
         """End the fit after the current step (a paused fit ends at once)."""
@@ -223,14 +220,9 @@ class FitWidget(QWidget):
         beside = [source.layer] if source is not None else self.target_panel.mip_layers()
         self.live.show(self.session.views, self.session.targets, residuals, self.session.release, beside)
 
-    def _schedule_refresh(self) -> None:
-        """Refresh now if the last refresh is old enough, else once when it is (never more often)."""
-        if not self._refresh_timer.isActive():
-            self._refresh_timer.start(int(self._throttle.delay() * 1000))
-
     def _refresh(self) -> None:
-        """Apply the latest render, progress and loss curve to the viewer (main thread)."""
-        self._throttle.mark()
+        """Apply the latest render, progress and loss curve to the viewer (main thread; through
+        ``self._refreshes``, which keeps the rate)."""
         session, run = self.session, self.run_panel
         if session.images is not None and session.images_iteration != self._shown_iteration:
             self._shown_iteration = session.images_iteration
@@ -253,8 +245,7 @@ class FitWidget(QWidget):
     def _on_finished(self, event: FinishedEvent) -> None:
         from napari.utils.notifications import show_info
 
-        self._refresh_timer.stop()
-        self._refresh()
+        self._refreshes.now()
         self.live.flush(event.images, event.iteration)
         self._shown_iteration = event.iteration
         self.run_panel.summary_label.setText(summary_html(event))
@@ -274,7 +265,7 @@ class FitWidget(QWidget):
         self.fit_failed.emit(message)
 
     def _on_ended(self) -> None:
-        self._refresh_timer.stop()
+        self._refreshes.cancel()
         self._on_state(self.session.state)
         self.run_ended.emit()
 
