@@ -109,6 +109,12 @@ def test_spawn_from_mips_alone_finds_a_point_bright_in_all_three_views():
     assert voxels == {(11, 30, 7), (25, 5, 3)}
     points, values, _ = consistent_points(targets.views, targets.images, 0.05)
     assert len(points) == 2 and values[0] == pytest.approx(1.0)
+    # Foreground masks apply: a point outside the foreground of one axis view asks for nothing.
+    masks = [torch.ones(t.shape, dtype=torch.bool) for t in targets.tensors("cpu")]
+    masks[0][5, 25] = False  # xy pixel (row y 5, column x 25) of the dimmer point
+    new = spawn(targets, targets.tensors("cpu"), empty, [0.05] * 3, limit=100, foregrounds=masks)
+    voxels = {tuple(np.rint(m / GEOMETRY.spacing_xyz).astype(int)) for m in new.means.numpy()}
+    assert voxels == {(11, 30, 7)}
 
 
 def test_pruning_never_removes_a_gaussian_that_wins_pixels():

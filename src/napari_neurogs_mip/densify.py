@@ -357,8 +357,8 @@ def spawn(
     Each sits at the back-projected peak of its pixel (a :func:`residual_pixels` pixel, within
     ``foregrounds`` when given), is as wide as half a voxel (or half the view's pixel where the views
     are coarser), round, and as bright as the target pixel.  Targets from MIP images alone (no peaks)
-    spawn where the axis views' residuals agree (:func:`consistent_points`), above ``levels``;
-    ``foregrounds`` do not apply there.
+    spawn where the axis views' residuals agree (:func:`consistent_points`), above ``levels`` and,
+    when given, within ``foregrounds`` in every axis view.
     """
     if limit <= 0:
         return NewGaussians.empty()
@@ -379,9 +379,13 @@ def spawn(
             scales.append(np.repeat(np.maximum(0.5 * spacing, pixel)[None], len(r), 0))
     elif {"xy", "xz", "yz"} <= {v.name for v in targets.views}:
         residual = []
-        for target, image in zip(target_images, rendered):
+        masks = foregrounds if foregrounds is not None else [None] * len(target_images)
+        for target, image, mask in zip(target_images, rendered, masks):
             short = target - image
-            residual.append(torch.where(short > RESIDUAL_SHARE * target, short, torch.zeros_like(short)).cpu().numpy())
+            wanted = short > RESIDUAL_SHARE * target
+            # Outside the structure a shortfall is the noise of the MIP, not a missing Gaussian.
+            wanted = wanted if mask is None else wanted & mask.to(wanted.device)
+            residual.append(torch.where(wanted, short, torch.zeros_like(short)).cpu().numpy())
         found, _, depth = consistent_points(targets.views, residual, levels, SPAWN_CELL)
         # The amplitude is the target's (the residual only chose where): the smallest of the three views.
         brightness = np.full(len(found), math.inf)
