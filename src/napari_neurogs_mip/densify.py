@@ -251,6 +251,22 @@ def _cell_maxima(residual: torch.Tensor, wanted: torch.Tensor, cell: int) -> tup
     return flat // padded_width, flat % padded_width
 
 
+def asking_pixels(
+    target: torch.Tensor, rendered: torch.Tensor, level: float, foreground: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool [H, W]: the pixels that ask for a new Gaussian.
+
+    A pixel asks when it is foreground (``foreground``, e.g. :meth:`.targets.Targets.foregrounds`:
+    above ``level``, its view's background level, and not an isolated noise spike; default: above
+    ``level``) and the render falls short of the target by more than ``RESIDUAL_SHARE`` of it and by
+    more than ``level`` (a shortfall that noise alone would not give: on noisy stacks, spawning on
+    smaller ones fitted the noise of the long-ray views).
+    """
+    residual = target - rendered
+    structure = target > level if foreground is None else foreground
+    return structure & (residual > RESIDUAL_SHARE * target) & (residual > level)
+
+
 def residual_pixels(
     target: torch.Tensor,
     rendered: torch.Tensor,
@@ -258,19 +274,10 @@ def residual_pixels(
     cell: int = SPAWN_CELL,
     foreground: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixels that ask for a new Gaussian: rows, columns and residuals (largest first).
-
-    A pixel asks when it is foreground (``foreground``, e.g. :meth:`.targets.Targets.foregrounds`:
-    above ``level``, its view's background level, and not an isolated noise spike; default: above
-    ``level``) and the render falls short of the target by more than ``RESIDUAL_SHARE`` of it and by
-    more than ``level`` (a shortfall that noise alone would not give: on noisy stacks, spawning on
-    smaller ones fitted the noise of the long-ray views); of each ``cell x cell`` block only the
-    largest residual is kept.
-    """
+    """Pixels that ask for a new Gaussian (:func:`asking_pixels`): rows, columns and residuals (largest
+    first); of each ``cell x cell`` block only the largest residual is kept."""
     residual = target - rendered
-    structure = target > level if foreground is None else foreground
-    wanted = structure & (residual > RESIDUAL_SHARE * target) & (residual > level)
-    rows, cols = _cell_maxima(residual, wanted, cell)
+    rows, cols = _cell_maxima(residual, asking_pixels(target, rendered, level, foreground), cell)
     values = residual[rows, cols]
     order = torch.argsort(values, descending=True, stable=True)
     return rows[order], cols[order], values[order]
@@ -357,8 +364,8 @@ def spawn(
     Each sits at the back-projected peak of its pixel (a :func:`residual_pixels` pixel, within
     ``foregrounds`` when given), is as wide as half a voxel (or half the view's pixel where the views
     are coarser), round, and as bright as the target pixel.  Targets from MIP images alone (no peaks)
-    spawn where the axis views' residuals agree (:func:`consistent_points`), above ``levels`` and,
-    when given, within ``foregrounds`` in every axis view.
+    spawn where the axis views' residuals agree (:func:`consistent_points`), at pixels that ask
+    (:func:`asking_pixels`) in every axis view.
     """
     if limit <= 0:
         return NewGaussians.empty()
@@ -367,8 +374,8 @@ def spawn(
     points: list[np.ndarray] = []
     values: list[np.ndarray] = []
     scales: list[np.ndarray] = []
+    masks = foregrounds if foregrounds is not None else [None] * len(levels)
     if targets.peaks is not None:
-        masks = foregrounds if foregrounds is not None else [None] * len(levels)
         views = zip(targets.views, targets.peaks, target_images, rendered, levels, masks)
         for view, peaks, target, image, level, mask in views:
             rows, cols, _ = residual_pixels(target, image, level, foreground=mask)
@@ -379,12 +386,9 @@ def spawn(
             scales.append(np.repeat(np.maximum(0.5 * spacing, pixel)[None], len(r), 0))
     elif {"xy", "xz", "yz"} <= {v.name for v in targets.views}:
         residual = []
-        masks = foregrounds if foregrounds is not None else [None] * len(target_images)
-        for target, image, mask in zip(target_images, rendered, masks):
+        for target, image, level, mask in zip(target_images, rendered, levels, masks):
             short = target - image
-            wanted = short > RESIDUAL_SHARE * target
-            # Outside the structure a shortfall is the noise of the MIP, not a missing Gaussian.
-            wanted = wanted if mask is None else wanted & mask.to(wanted.device)
+            wanted = asking_pixels(target, image, level, mask)
             residual.append(torch.where(wanted, short, torch.zeros_like(short)).cpu().numpy())
         found, _, depth = consistent_points(targets.views, residual, levels, SPAWN_CELL)
         # The amplitude is the target's (the residual only chose where): the smallest of the three views.

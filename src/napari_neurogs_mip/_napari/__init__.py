@@ -19,7 +19,7 @@ Without Qt (tested without a viewer):
 * :mod:`._responsiveness` measures main-thread stalls for a benchmark.
 
 With Qt: :mod:`._qt` (the panels, the live layers, the throttled refresh and
-the dock widgets that compose them), :mod:`._loss_plot`, :mod:`._threads` (a private thread pool and
-the session's runner), :mod:`._field_widget`.  Nothing here is imported by the
+the dock widgets that compose them), :mod:`._loss_plot`, :mod:`._threads` (a
+private thread pool and the session's runner), :mod:`._field_widget`.  Nothing here is imported by the
 core, and napari and Qt are imported lazily, so readers and writers stay light.
 """

@@ -304,9 +304,10 @@ class BlockWidget(QWidget):
         show_error(message)
 
     def _on_ended(self) -> None:
-        self._refreshes.cancel()
         if self.layers:
-            self._refreshes.now()
+            self._refreshes.now()  # the last refresh, in place of a pending one
+        else:
+            self._refreshes.cancel()
         if self.progress.maximum() == 0:  # ended before the survey reported: no busy bar left behind
             self.progress.setRange(0, 1)
         self._on_state(self.session.state)

@@ -12,8 +12,8 @@ from .._throttle import Throttle
 class ThrottledCall(QObject):
     """Calls ``function`` at most once per ``interval`` seconds (the rule of :class:`.._throttle.Throttle`).
 
-    :meth:`request` calls it now when the last call is old enough, else once when it
-    is; requests in between are merged into that one.  Lives on the Qt thread of its
+    :meth:`request` calls it at the next turn of the event loop when the last call is old
+    enough, else once when it is; requests in between are merged into that one.  Lives on the Qt thread of its
     ``parent`` and is deleted with it, its timer too.
 
     Parameters
@@ -33,7 +33,7 @@ class ThrottledCall(QObject):
         self._timer.timeout.connect(self.now)
 
     def request(self) -> None:
-        """Call now if the last call is old enough, else once when it is (never more often)."""
+        """Call at the next turn of the event loop if the last call is old enough, else once when it is."""
         if not self._timer.isActive():
             self._timer.start(int(self._throttle.delay() * 1000))
 
@@ -48,6 +48,6 @@ class ThrottledCall(QObject):
         self._timer.stop()
 
     def reset(self) -> None:
-        """Forget the last call: the next request calls at once (a new run)."""
+        """Forget the last call and drop a pending request: the next request is not held back (a new run)."""
         self._timer.stop()
         self._throttle.reset()
