@@ -192,6 +192,34 @@ def test_sigterm_during_startup_exits_143_without_traceback(tmp_path: Path) -> N
     assert not out.exists() or not list(out.glob("*.pt"))
 
 
+def test_a_sigterm_during_an_import_waits_for_the_import_to_finish(tmp_path: Path) -> None:
+    """An exception in the middle of an import can leave a half-built module behind (seen: numpy, then an
+    AttributeError and a traceback); the CLI's handler lets the import finish, then leaves."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.5)  # the handler runs during this import\n"
+        "COMPLETE = True\n"
+    )
+    program = (
+        "import signal, sys, time\n"
+        "from napari_neurogs_mip.cli import Interrupted, _raise_interrupted\n"
+        "signal.signal(signal.SIGTERM, _raise_interrupted)\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    print('imported', slow_module.COMPLETE, flush=True)\n"
+        "    time.sleep(60)\n"
+        "except Interrupted as interrupt:\n"
+        "    print('interrupted by', interrupt.signum, 'complete:', getattr(sys.modules.get('slow_module'), 'COMPLETE', False))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["imported True", f"interrupted by {int(signal.SIGTERM)} complete: True"]
+
+
 def _import_script() -> ModuleType:
     path = REPO / "scripts" / "interrupt_fits.py"
     spec = importlib.util.spec_from_file_location("interrupt_fits", path)

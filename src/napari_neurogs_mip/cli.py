@@ -537,7 +537,29 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_interrupted(signum: int, _frame: Any) -> None:
+REDELIVERY_S = 0.05
+"""A signal that arrives while a module is being imported is sent again after this many seconds."""
+
+
+def _importing(frame: Any) -> bool:
+    """Whether ``frame`` (a signal handler's) runs inside Python's import machinery."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    """Leave at once with :class:`Interrupted`, but never from inside an import.
+
+    An exception raised in the middle of a module's import can leave that module half built in
+    ``sys.modules``: a SIGTERM during start-up's import of numpy made a later import fail with an
+    ``AttributeError`` and a traceback.  There the signal is sent again shortly, until the import is over.
+    """
+    if _importing(frame):
+        threading.Timer(REDELIVERY_S, os.kill, (os.getpid(), signum)).start()
+        return
     raise Interrupted(signum)
 
 
@@ -556,9 +578,9 @@ class _StopOnSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def _handle(self, signum: int, _frame: Any) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            raise Interrupted(signum)
+            _raise_interrupted(signum, frame)
         self.received = signal.Signals(signum)
         print(f"\n{self.received.name}: stopping after this step and saving...", file=sys.stderr)
         self.trainer.stop()
