@@ -55,6 +55,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _voxel_size(text: str) -> float:
     value = _positive_float(text)
     # Micrometres: below a picometre or above a metre is a unit mistake, and squares of such values under- or
@@ -104,6 +111,7 @@ def _with_options(action: argparse.Action, options: list[str]) -> argparse.Actio
 
 CONFIG_GROUPS = {
     "optimisation": "optimisation",
+    "targets": "targets (what the MIPs are made of)",
     "loss": "loss (averaged over views)",
     "render": "rendering",
     "density": "density control (spawn, clone, split, prune)",
@@ -280,6 +288,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         *_spellings("--eval-views"),
         help="comma list of views to mark held-out (default: the checkpoint's own held-out views)",
     )
+    evaluate.add_argument(
+        *_spellings("--denoise"), type=_non_negative_float,
+        help="voxels over which the volume is averaged along its structures before its MIPs are made, 0: raw "
+        "(default: as the checkpoint was fitted)",
+    )  # fmt: skip
     evaluate.add_argument(*_spellings("--mode"), choices=MODES, help="render mode (default: the checkpoint's)")
     evaluate.add_argument(
         *_spellings("--beta"), type=_positive_float, help="soft-MIP sharpness (default: the checkpoint's)"
@@ -469,7 +482,7 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
-        normalize=args.normalize, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
+        normalize=args.normalize, denoise=config.denoise, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
         max_gaussians=config.max_gaussians, init=args.init, seed=config.seed, device=config.device,
         self_reconstruct=args.self_reconstruct,
         eval_specs=parse_view_specs(args.eval_views) if args.eval_views else [],
@@ -680,6 +693,7 @@ def _render_settings(args: argparse.Namespace, metadata: dict[str, Any]) -> tupl
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .denoise import denoise_along_structures
     from .frames import VolumeGeometry
     from .io.checkpoint import load_checkpoint
     from .io.tiff import read_volume
@@ -718,14 +732,29 @@ def _eval(args: argparse.Namespace) -> int:
     # The fit's own per-view background levels where it recorded them (same views, same volume).
     known = stored.get("view_lows") if isinstance(stored.get("view_lows"), dict) else {}
     lows = [float(known[v.name]) for v in views] if same_volume and all(v.name in known for v in views) else None
+    length = _eval_denoise(args, metadata)
     check_render_resources(checkpoint.model.num_gaussians, views, args.device, geometry=geometry,
-                           volume_dtype=read.data.dtype, resolution=_resolution(args))  # fmt: skip
-    targets = targets_for_views(read.data, geometry, views, normalization, lows)
+                           volume_dtype=read.data.dtype, denoise=length > 0, resolution=_resolution(args))  # fmt: skip
+    volume = read.data if length == 0 else denoise_along_structures(read.data, geometry.spacing_zyx, length)
+    targets = targets_for_views(volume, geometry, views, normalization, lows, range_of=read.data)
     images = _render_views(args, checkpoint, geometry, targets.views)
     pairs = zip(targets.views, images, targets.tensors("cpu"), targets.foregrounds())
     scores = {v.name: score(i, t, f) for v, i, t, f in pairs}
     print(format_table(scores, [v.name for v in held]))
     return 0
+
+
+def _eval_denoise(args: argparse.Namespace, metadata: dict[str, Any]) -> float:
+    """The length ``eval`` denoises the volume over: ``--denoise``, else the checkpoint's fit's (so the scores
+    match its final table), else 0 (raw); says which."""
+    fitted = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
+    length = args.denoise if args.denoise is not None else float(fitted.get("denoise", 0.0))
+    if length == 0:
+        print("target volume: raw")
+    else:
+        print(f"target volume denoised along its structures over {length:g} voxels "
+              f"({'--denoise' if args.denoise is not None else 'as fitted'})")  # fmt: skip
+    return length
 
 
 def _info(args: argparse.Namespace) -> int:

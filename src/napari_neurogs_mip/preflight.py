@@ -229,6 +229,8 @@ class FitPlan:
         Held-out views (targets built and rendered like training views).
     volume_dtype
         dtype of a target volume already in memory (its MIPs are built from it); ``None``: MIP targets.
+    denoise
+        The target volume is denoised first (:func:`.denoise.denoise_along_structures`).
     init
         How the model starts: ``foreground``, ``intensity`` (from the volume), ``swc``, ``mips`` or
         ``checkpoint``.
@@ -247,6 +249,7 @@ class FitPlan:
     densify: bool = True
     eval_views: Sequence[View] = ()
     volume_dtype: np.dtype | None = None
+    denoise: bool = False
     init: str = "foreground"
     self_reconstruction: bool = False
     resolution: float | tuple[int, int] | None = None
@@ -446,7 +449,7 @@ def _fit_parts(plan: FitPlan, load: _Load, kind: torch.device) -> list[MemoryPar
     all_views = [*plan.views, *plan.eval_views]
     # A reconstructed field is a float32 volume like any other once voxelised.
     volume_dtype = np.dtype(np.float32) if plan.self_reconstruction else plan.volume_dtype
-    parts = _target_parts(load, all_views, volume_dtype, images)
+    parts = _target_parts(load, all_views, volume_dtype, images, plan.denoise)
     if plan.self_reconstruction:
         parts += [
             MemoryPart(f"the checkpoint's field on {shape} voxels", 4 * voxels, "held", frozenset({"voxels"})),
@@ -547,6 +550,7 @@ def estimate_render_memory(
     geometry: VolumeGeometry | None = None,
     mode: str = "soft",
     volume_dtype: np.dtype | None = None,
+    denoise: bool = False,
 ) -> MemoryEstimate:
     """The memory of rendering ``num_gaussians`` Gaussians into ``views`` without gradients.
 
@@ -564,10 +568,13 @@ def estimate_render_memory(
         Render mode (``soft``, ``max`` or ``field``).
     volume_dtype
         ``eval``: the dtype of the volume whose MIPs are built as targets.
+    denoise
+        ``eval``: that volume is denoised first.
     """
     kind = _device(device)
     load = _render_load(num_gaussians, views, kind, geometry)
-    return MemoryEstimate(tuple(_render_parts(load, views, kind, geometry, mode, volume_dtype)), kind.type)
+    parts = _render_parts(load, views, kind, geometry, mode, volume_dtype, denoise)
+    return MemoryEstimate(tuple(parts), kind.type)
 
 
 def check_render_resources(
@@ -578,6 +585,7 @@ def check_render_resources(
     geometry: VolumeGeometry | None = None,
     mode: str = "soft",
     volume_dtype: np.dtype | None = None,
+    denoise: bool = False,
     resolution: float | tuple[int, int] | None = None,
     available: int | None = None,
 ) -> MemoryEstimate:
@@ -597,8 +605,8 @@ def check_render_resources(
     )
     what = f"rendering {num_gaussians:,} Gaussians"
     return _check(
-        lambda scaled: _render_parts(scaled, views, kind, geometry, mode, volume_dtype), load, kind, available, what,
-        levers,
+        lambda scaled: _render_parts(scaled, views, kind, geometry, mode, volume_dtype, denoise), load, kind,
+        available, what, levers,
     )  # fmt: skip
 
 
@@ -629,6 +637,7 @@ def _render_parts(
     geometry: VolumeGeometry | None,
     mode: str,
     volume_dtype: np.dtype | None,
+    denoise: bool = False,
 ) -> list[MemoryPart]:
     from .render.field import _ENTRIES_PER_CHUNK
 
@@ -653,13 +662,15 @@ def _render_parts(
                        frozenset(), gpu),
         ]  # fmt: skip
     if geometry is not None and volume_dtype is not None:
-        parts += _target_parts(load, views, volume_dtype, images)
+        parts += _target_parts(load, views, volume_dtype, images, denoise)
     return [p for p in parts if p.nbytes > 0]
 
 
-def _target_parts(load: _Load, views: Sequence[View], volume_dtype: np.dtype | None, images: str) -> list[MemoryPart]:
+def _target_parts(
+    load: _Load, views: Sequence[View], volume_dtype: np.dtype | None, images: str, denoise: bool = False
+) -> list[MemoryPart]:
     """Target images, held and being built: from a volume in memory of ``volume_dtype``, or (``None``)
-    normalised copies of MIP images."""
+    normalised copies of MIP images; ``denoise``: the volume is denoised first."""
     from .targets import _VOXELS_PER_CHUNK
 
     parts = [
@@ -676,6 +687,11 @@ def _target_parts(load: _Load, views: Sequence[View], volume_dtype: np.dtype | N
         native = NATIVE_PIXEL_BYTES * load.largest_native
         parts.append(MemoryPart("the target volume's copies and native MIPs", (1 + copy) * load.voxels + scratch
                                 + native, "targets", frozenset({"voxels"})))  # fmt: skip
+        if denoise:
+            # The denoised volume (kept: the targets and the start are made of it), its smoothed guide and the
+            # smoothing's scratch: float32 each.
+            parts.append(MemoryPart("denoising the target volume", 12 * load.voxels, "targets",
+                                    frozenset({"voxels"})))  # fmt: skip
     return parts
 
 

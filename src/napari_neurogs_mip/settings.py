@@ -33,7 +33,7 @@ class Setting:
     choices
         The allowed strings.
     group
-        Where front-ends put it: ``optimisation``, ``loss``, ``render``, ``density`` or ``run``.
+        Where front-ends put it: ``optimisation``, ``targets``, ``loss``, ``render``, ``density`` or ``run``.
     flag
         The CLI flag when it is not ``--name-with-hyphens`` (the seed design's ``--lambda_mse``).
     unit

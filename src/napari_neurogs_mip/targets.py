@@ -40,6 +40,12 @@ _EMPTY = torch.iinfo(torch.int64).min
 """The key of a pixel that holds no voxel: below every real key (see ``_keys``)."""
 
 
+DEFAULT_DENOISE = 1.0
+"""Default length, in finest voxel spacings, of the average along structures a volume target gets before its MIPs
+are made (:func:`.denoise.denoise_along_structures`; ``FitConfig.denoise``): on the rasterised neuron 0.7 left
+half of the noise, 1.5 flattened bends and the soma (foreground bias -0.012 of the range); see docs/quality.md."""
+
+
 @dataclass(frozen=True)
 class Normalization:
     """How raw intensities map to [0, 1]: ``clip((x - low) / (high - low), 0, 1)``.
@@ -551,13 +557,17 @@ def targets_for_views(
     views: list[View],
     normalization: Normalization | None = None,
     view_lows: list[float] | None = None,
+    range_of: np.ndarray | None = None,
 ) -> Targets:
     """Normalised MIP targets of a [Z, Y, X] volume in ``views`` (e.g. those a checkpoint records).
 
     The normalisation is fitted on the axis MIPs at native resolution (the
     orbit views share it), so it does not depend on which views are trained;
-    ``view_lows`` (one per view, e.g. a fit's own) replace the per-view lows the
-    rule would give.  ``Targets.peaks`` is filled (see :func:`volume_mips_and_peaks`).
+    ``range_of`` (default: ``volume``) is the volume they are taken of: the raw
+    stack when ``volume`` is its denoised copy, so that one stack has one
+    range whether it is denoised or not.  ``view_lows`` (one per view, e.g. a
+    fit's own) replace the per-view lows the rule would give.
+    ``Targets.peaks`` is filled (see :func:`volume_mips_and_peaks`).
     """
     if view_lows is not None and len(view_lows) != len(views):
         raise ValueError(f"{len(view_lows)} view lows for {len(views)} views")
@@ -570,7 +580,13 @@ def targets_for_views(
         raise ValueError("the target volume holds NaN/Inf values")
     normalization = normalization or Normalization()
     tensor = torch.as_tensor(volume.astype(np.float32, copy=False))
-    reference = [axis_mip(tensor, name).numpy() for name in AXIS_VIEWS]
+    if range_of is None:
+        reference = [axis_mip(tensor, name).numpy() for name in AXIS_VIEWS]
+    else:
+        if np.shape(range_of) != volume.shape:
+            raise ValueError(f"the volume of the range has shape {np.shape(range_of)}, not {volume.shape}")
+        # Along each axis in turn: the values of the three axis MIPs (their layout does not matter here).
+        reference = [np.asarray(range_of).max(axis=axis).astype(np.float32) for axis in range(3)]
     low, high = normalization.fit(reference)
     raw, peaks = volume_mips_and_peaks(tensor, geometry, views)
     raw_images = [image.numpy() for image in raw]

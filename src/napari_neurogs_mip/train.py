@@ -51,7 +51,7 @@ from .model import GaussianModel
 from .render import BACKENDS, DEFAULT_BETA, MODES, Renderer
 from .render.field import check_field_views
 from .settings import check_settings, setting
-from .targets import Targets
+from .targets import DEFAULT_DENOISE, Targets
 from .views import View
 
 LOG_AMPLITUDE_RANGE = (-10.0, 6.0)
@@ -80,6 +80,9 @@ class FitConfig:
     lr_amplitudes: float = setting(1e-2, "learning rate of the log-amplitudes", positive=True)
     min_scale: float = setting(0.7, "smallest Gaussian standard deviation, in finest voxel spacings (smaller ones "
                                "fit single noisy voxels)", positive=True, unit="voxels")  # fmt: skip
+    denoise: float = setting(DEFAULT_DENOISE, "length of the average taken at each voxel of a target volume along the direction "
+                             "in which it varies least (along neurites), before its MIPs are made; 0: the raw volume",
+                             minimum=0, group="targets", unit="voxels")  # fmt: skip
     lambda_mse: float = setting(1.0, "weight of the mean squared error", minimum=0, group="loss", flag="--lambda_mse")
     lambda_ssim: float = setting(0.1, "weight of 1 - SSIM", minimum=0, group="loss", flag="--lambda_ssim")
     lambda_l1: float = setting(0.0, "weight of the mean absolute error", minimum=0, group="loss", flag="--lambda_l1")

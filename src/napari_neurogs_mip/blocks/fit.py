@@ -176,7 +176,7 @@ def fit_block(task: BlockTask) -> dict[str, Any]:
     try:
         prepared = prepare_fit(FitInputs(
             volume=volume, voxel_size=spacing, view_specs=list(settings.view_specs), resolution=settings.downsample,
-            normalization=normalization, model=start, max_gaussians=config.max_gaussians,
+            normalization=normalization, model=start, denoise=config.denoise, max_gaussians=config.max_gaussians,
             device=config.device, seed=config.seed,
         ))  # fmt: skip
         targets = prepared.targets  # normalised with the whole volume's range (see the module docstring)

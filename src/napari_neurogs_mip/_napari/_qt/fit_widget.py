@@ -139,6 +139,7 @@ class FitWidget(QWidget):
             **self.target_panel.inputs(planes_needed(views["resolution"], config.lambda_ssim > 0)),
             **views,
             **self.model_panel.inputs(),
+            denoise=config.denoise,
             max_gaussians=config.max_gaussians,
             seed=config.seed,
             device=config.device,

@@ -26,7 +26,7 @@ from .rows import FileRow, Row, bare, group
 
 COMMON = ("iterations", "lr", "lambda_ssim", "device", "densify", "max_gaussians")
 """Settings shown without opening *Advanced* (the ones a first fit may want to change)."""
-GROUPS = ("optimisation", "loss", "render", "density", "run")
+GROUPS = ("optimisation", "targets", "loss", "render", "density", "run")
 ENABLED_WHEN = {"beta": ("mode", "soft"), "densify_every": ("densify", True), "densify_until": ("densify", True)}
 """Settings that only act when another one has a value (shown disabled otherwise)."""
 AUTO_TEXT = {"max_gaussians": f"auto ({DEFAULT_BUDGET['cpu']:,} on CPU)"}
