@@ -33,8 +33,9 @@ PLUGIN = "napari-neurogs-mip"
 
 def load_kernels() -> None:
     """Compile (or load) the CPU kernels first: a one-off cost of the machine, not of the widget."""
+    # Raw: pure noise, denoised, has no structure to start on.
     volume = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
-    prepared = prepare_fit(FitInputs(volume=volume, view_specs=["xy"], num_gaussians=4))
+    prepared = prepare_fit(FitInputs(volume=volume, view_specs=["xy"], num_gaussians=4, denoise=0.0))
     Trainer(prepared.model, prepared.targets, FitConfig(iterations=1, device="cpu", lambda_ssim=0.0)).warm_up()
 
 

@@ -43,8 +43,9 @@ def tiny_trainer():
     from napari_neurogs_mip.prepare import FitInputs, prepare_fit
     from napari_neurogs_mip.train import FitConfig, Trainer
 
+    # Raw: pure noise, denoised, has no structure to start on.
     volume = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
-    prepared = prepare_fit(FitInputs(volume=volume, view_specs=["xy"], num_gaussians=4))
+    prepared = prepare_fit(FitInputs(volume=volume, view_specs=["xy"], num_gaussians=4, denoise=0.0))
     return Trainer(prepared.model, prepared.targets, FitConfig(iterations=1, device="cpu"))
 
 
