@@ -22,17 +22,19 @@ def _reference(volume: np.ndarray, spacing: tuple[float, float, float], length: 
     spacing_array = np.asarray(spacing)
     guide = gaussian_filter(volume.astype(np.float32), GUIDE_SIGMA * spacing_array.min() / spacing_array,
                             mode="nearest").astype(np.float64)  # fmt: skip
-    weights, reach = line_weights(spacing, length)
+    weights, reach, spread = line_weights(spacing, length)
     shape = np.array(volume.shape)
     out = np.empty(volume.shape)
     for index in np.ndindex(volume.shape):
         lines = []
         for d, step in enumerate(DIRECTIONS):
+            if spread[d] == 0:
+                continue
             taps = range(-reach[d], reach[d] + 1)
             where = [tuple(np.clip(np.array(index) + k * step, 0, shape - 1)) for k in taps]
             w = weights[d, : len(where)]
             g = np.array([guide[p] for p in where])
-            lines.append((float(w @ (g * g) - (w @ g) ** 2), where, w))
+            lines.append((float(w @ (g * g) - (w @ g) ** 2) / spread[d], where, w))
         _, where, w = min(lines, key=lambda line: line[0])
         out[index] = w @ np.array([volume[p] for p in where], dtype=np.float64)
     return out
@@ -46,7 +48,7 @@ def test_the_kernel_follows_the_definition_at_every_voxel_and_border():
 
 
 def test_line_weights_cover_the_same_distance_in_every_direction():
-    weights, reach = line_weights((2.0, 1.0, 1.0), 1.0)
+    weights, reach, _ = line_weights((2.0, 1.0, 1.0), 1.0)
     np.testing.assert_allclose(weights.sum(axis=1), 1.0)
     assert reach[0] == 2  # z steps 2 finest spacings: 2 taps reach 4, as 3 along x reach 3 (2.5 sigma)
     assert reach[2] == 3
@@ -81,6 +83,21 @@ def test_a_noisy_oblique_neurite_keeps_its_peak_and_loses_most_of_its_noise():
     assert abs(denoised[ridge].mean() - clean[ridge].mean()) < 0.02
     # And its MIP along z is closer to the noise-free one (the MIP keeps the brightest noise of every ray).
     assert np.mean((denoised.max(0) - clean.max(0)) ** 2) < 0.65 * np.mean((noisy.max(0) - clean.max(0)) ** 2)
+
+
+def test_a_stack_of_coarse_planes_is_averaged_within_its_planes():
+    # z steps of 8 voxels: a line of 1 voxel holds one tap along any direction that leaves the plane, and such a
+    # line, which cannot vary, must not be chosen (it would leave every voxel as it is).
+    _, _, spread = line_weights((8.0, 1.0, 1.0), 1.0)
+    in_plane = DIRECTIONS[:, 0] == 0
+    assert (spread[~in_plane] == 0).all() and (spread[in_plane] > 0.5).all()
+    clean = _oblique_tube((8, 40, 40))
+    noisy = (np.random.default_rng(4).poisson(clean * 200.0) / 200.0).astype(np.float32)
+    denoised = denoise_along_structures(noisy, (8.0, 1.0, 1.0), 1.0)
+    tube = clean > 0.5
+    assert np.mean((denoised[tube] - clean[tube]) ** 2) < 0.6 * np.mean((noisy[tube] - clean[tube]) ** 2)
+    with pytest.raises(ValueError, match=r"fewer than 1\.5 voxels in every direction"):
+        denoise_along_structures(noisy, (8.0, 1.0, 1.0), 0.3)
 
 
 def test_a_constant_volume_is_unchanged_and_a_bad_length_is_refused():
