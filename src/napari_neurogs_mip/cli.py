@@ -735,7 +735,7 @@ def _eval(args: argparse.Namespace) -> int:
     length = _eval_denoise(args, metadata)
     check_render_resources(checkpoint.model.num_gaussians, views, args.device, geometry=geometry,
                            volume_dtype=read.data.dtype, denoise=length > 0, resolution=_resolution(args))  # fmt: skip
-    volume = read.data if length == 0 else denoise_along_structures(read.data, geometry.spacing_zyx, length)
+    volume = read.data if length == 0 else denoise_along_structures(read.data, length)
     targets = targets_for_views(volume, geometry, views, normalization, lows, range_of=read.data)
     images = _render_views(args, checkpoint, geometry, targets.views)
     pairs = zip(targets.views, images, targets.tensors("cpu"), targets.foregrounds())

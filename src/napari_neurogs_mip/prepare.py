@@ -172,7 +172,7 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         _check_memory(inputs, views, geometry, _start(inputs, True, checkpoint, skeleton, geometry, budget), volume)
         raw = volume
         if inputs.denoise > 0:
-            volume = _denoised(volume, geometry, inputs.denoise, notes)
+            volume = _denoised(volume, inputs.denoise, notes)
         # The raw stack's range: a denoised stack's background (the maxima of less noise) is lower, and
         # taken as the low it makes the model paint the dim blur and noise between the two as structure
         # (the rasterised neuron: yz 38.2 dB against its noise-free volume instead of 39.0).
@@ -279,12 +279,15 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     return PreparedFit(targets, model, resume, notes, volume, eval_targets)
 
 
-def _denoised(volume: np.ndarray, geometry: VolumeGeometry, length: float, notes: list[str]) -> np.ndarray:
+def _denoised(volume: np.ndarray, length: float, notes: list[str]) -> np.ndarray:
     """``volume`` averaged along its structures over ``length`` voxels (a float32 copy; the input is kept)."""
     from .denoise import denoise_along_structures
 
     start = time.perf_counter()
-    denoised = denoise_along_structures(volume, geometry.spacing_zyx, length)
+    try:
+        denoised = denoise_along_structures(volume, length)
+    except ValueError as error:
+        raise ValueError(f"--denoise {length:g}: {error}") from None
     notes.append(
         f"target volume denoised along its structures over {length:g} voxel{'' if length == 1 else 's'} "
         f"({time.perf_counter() - start:.1f} s; --denoise 0 fits the raw volume)"

@@ -41,7 +41,7 @@ _EMPTY = torch.iinfo(torch.int64).min
 
 
 DEFAULT_DENOISE = 1.0
-"""Default length, in finest voxel spacings, of the average along structures a volume target gets before its MIPs
+"""Default length, in voxels, of the average along structures a volume target gets before its MIPs
 are made (:func:`.denoise.denoise_along_structures`; ``FitConfig.denoise``): on the rasterised neuron 0.7 left
 half of the noise, 1.5 flattened bends and the soma (foreground bias -0.012 of the range); see docs/quality.md."""
 
