@@ -31,7 +31,7 @@ import numpy as np
 
 from .numba_runtime import kernel, run_parallel
 
-__all__ = ["DIRECTIONS", "GUIDE_SIGMA", "denoise_along_structures"]
+__all__ = ["DIRECTIONS", "GUIDE_SIGMA", "denoise_along_structures", "denoise_margin", "line_weights"]
 
 DIRECTIONS = np.array(
     [
@@ -127,6 +127,12 @@ def line_weights(length: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     squares = (weights**2).sum(axis=1)
     spread = np.where(1.0 / squares >= MIN_TAPS, 1.0 - squares, 0.0)
     return weights, reach, spread
+
+
+def denoise_margin(length: float) -> int:
+    """Voxels beyond a region that its denoised values depend on: the guide's smoothing radius (scipy's, at
+    ``truncate=4``) plus the longest line's reach.  A chunk read with this margin is denoised exactly."""
+    return int(4.0 * GUIDE_SIGMA + 0.5) + int(line_weights(length)[1].max())
 
 
 def denoise_along_structures(volume: np.ndarray, length: float) -> np.ndarray:

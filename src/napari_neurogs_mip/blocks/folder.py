@@ -109,18 +109,20 @@ def clear(out: Path) -> None:
 
 def survey_of(
     out: Path, source: LazyVolume, cell_zyx: tuple[int, int, int], client: Any,
-    progress: Callable[[int, int], None], log: Callable[[str], None],
+    progress: Callable[[int, int], None], log: Callable[[str], None], denoise: float = 0.0,
 ) -> Survey:  # fmt: skip
-    """The survey an earlier run saved for this volume and cell size, else one made now on ``client`` (and saved)."""
-    key = {**source_key(source), "cell": list(cell_zyx)}
+    """The survey an earlier run saved for this volume, cell size and denoising, else one made now on ``client``
+    (and saved)."""
+    key = {**source_key(source), "cell": list(cell_zyx), "denoise": denoise}
     path = out / SURVEY_NAME
     found = Survey.load(path, key)
     if found is not None:
         log(f"survey: read from {path}")
         return found
     started = time.perf_counter()
-    survey = run_survey(source, cell_zyx, lambda f, a, r: run_tasks(client, f, a, r), progress)
+    survey = run_survey(source, cell_zyx, lambda f, a, r: run_tasks(client, f, a, r), progress, denoise)
     survey.save(path, key)
-    log(f"survey: the whole volume read once in {time.perf_counter() - started:.1f} s (axis MIPs, cells of "
-        f"{' x '.join(map(str, cell_zyx))} voxels)")  # fmt: skip
+    denoised = f", denoised along its structures over {denoise:g} voxels" if denoise > 0 else ""
+    log(f"survey: the whole volume read once in {time.perf_counter() - started:.1f} s (axis MIPs{denoised}, cells "
+        f"of {' x '.join(map(str, cell_zyx))} voxels)")  # fmt: skip
     return survey

@@ -282,7 +282,8 @@ def _plan(
     run_folder.check_same_run(out, previous, key)
     if previous is None:
         run_folder.write_plan(out, key)
-    survey = run_folder.survey_of(out, source, cell_zyx, client, on_survey or (lambda done, total: None), log)
+    survey = run_folder.survey_of(out, source, cell_zyx, client, on_survey or (lambda done, total: None), log,
+                                  settings.config.denoise)  # fmt: skip
     normalization, low, high = global_normalization(survey, settings.rule)
     fixed = Normalization("fixed", low=low, high=high, view_background=normalization.per_view)
     settings = replace(settings, normalization=fixed)
@@ -417,7 +418,7 @@ def _merge_and_write(run: _Run, views: list[View], log: Callable[[str], None]) -
     # Each axis view's own background, as a fit of the whole volume would subtract it (native views only: the
     # survey's MIPs are native).
     view_lows = (
-        {n: fixed.view_low(m, fixed.low, fixed.high) for n, m in run.survey.mips.items()}
+        {n: fixed.view_low(m, fixed.low, fixed.high) for n, m in run.survey.targets.items()}
         if settings.downsample is None else {}
     )  # fmt: skip
     fitted = [r for r in result.records.values() if r.get("status") == "fitted"]
@@ -429,6 +430,8 @@ def _merge_and_write(run: _Run, views: list[View], log: Callable[[str], None]) -
     save_merged(result.checkpoint, model, settings, views, view_lows, summary)
     log(f"merged {len(fitted)} blocks: {model.num_gaussians:,} Gaussians in {result.checkpoint}")
     result.mips = write_model_mips(model, views, result.out / run_folder.MIPS_DIR, model_renderer(settings.config))
-    result.target_mips = write_images(run.survey.mips, axis_views(geometry), result.out / run_folder.TARGET_MIPS_DIR)
+    target_dir = result.out / run_folder.TARGET_MIPS_DIR
+    result.target_mips = write_images(run.survey.targets, axis_views(geometry), target_dir)
     log(f"MIPs of the model: {', '.join(str(p) for p in result.mips)}")
-    log(f"axis MIPs of the volume (raw): {', '.join(str(p) for p in result.target_mips)}")
+    how = f"denoised along its structures over {run.survey.denoise:g} voxels" if run.survey.denoise > 0 else "raw"
+    log(f"axis MIPs of the volume ({how}): {', '.join(str(p) for p in result.target_mips)}")

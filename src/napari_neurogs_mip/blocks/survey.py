@@ -1,7 +1,9 @@
 """One streaming pass over the whole volume: its axis MIPs and a coarse map of where the structure is.
 
 The volume is read in chunks (one task each, on the dask workers); each task
-returns its chunk's three axis MIPs (``xy``, ``xz``, ``yz``, raw intensities) and,
+returns its chunk's three axis MIPs (``xy``, ``xz``, ``yz``, raw intensities),
+the same of the chunk denoised along its structures (the fit's ``denoise``;
+exact across chunks, read with :func:`napari_neurogs_mip.denoise.denoise_margin`) and,
 per *cell* of ``cell`` voxels, the :data:`CELL_RANK`-th brightest voxel and the
 centre voxel of the volume blurred by one voxel (:func:`scipy.ndimage.gaussian_filter`,
 ``sigma=1``, ``mode="nearest"``: the smoothing of :func:`napari_neurogs_mip.initial_model.find_foreground`,
@@ -16,9 +18,10 @@ benchmark's 64-voxel-deep stack the two z faces alone are 35 million such
 voxels, and they marked most empty blocks as structure.  Structure that reaches
 no further than two voxels into the stack is not seen (its block is skipped).
 
-The global MIPs give the normalisation every block shares (:func:`global_normalization`:
+The raw global MIPs give the normalisation every block shares (:func:`global_normalization`:
 the rule of :func:`napari_neurogs_mip.targets.targets_for_views` on the whole
-volume) and the targets the merged model is scored and written against.
+volume, whose range is the raw stack's), the denoised ones the targets the merged
+model is scored and written against.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ sigmas (tests); a neurite crossing a cell puts tens of voxels above it."""
 
 @dataclass(frozen=True)
 class SurveyPart:
-    """What one chunk contributes: its region, its raw axis MIPs and its cells."""
+    """What one chunk contributes: its region, its raw and its denoised axis MIPs and its cells."""
 
     region: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
     mips: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
     cell_top: np.ndarray
     cell_sample: np.ndarray
 
@@ -72,6 +76,9 @@ class Survey:
     ----------
     mips
         Raw float32 axis MIPs at native resolution: ``xy`` [Y, X], ``xz`` [Z, X], ``yz`` [Z, Y].
+    targets
+        The axis MIPs of the volume denoised along its structures over ``denoise`` voxels (``mips`` when 0):
+        what the merged model is compared with, as a fit of the whole volume would be.
     cell_top
         float32 [cz, cy, cx]: per cell, the :data:`CELL_RANK`-th brightest voxel of the volume blurred by one voxel
         (``-inf`` for a cell of fewer voxels).
@@ -80,18 +87,24 @@ class Survey:
         for a partial cell without one).
     cell
         Cell edges (z, y, x), voxels.
+    denoise
+        The denoising length, voxels.
     """
 
     mips: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
     cell_top: np.ndarray
     cell_sample: np.ndarray
     cell: tuple[int, int, int]
+    denoise: float = 0.0
 
     def save(self, path: Path, key: dict[str, Any]) -> Path:
         """Write to ``path`` (``.npz``, atomic) with ``key``, which :meth:`load` must find again."""
         with atomic_path(path) as tmp, open(tmp, "wb") as file:
             np.savez(file, key=json.dumps(key, sort_keys=True), cell=np.asarray(self.cell), cell_top=self.cell_top,
-                     cell_sample=self.cell_sample, **{f"mip_{n}": m for n, m in self.mips.items()})  # fmt: skip
+                     cell_sample=self.cell_sample, denoise=self.denoise,
+                     **{f"mip_{n}": m for n, m in self.mips.items()},
+                     **{f"target_{n}": m for n, m in self.targets.items() if self.denoise > 0})  # fmt: skip
         return path
 
     @classmethod
@@ -103,7 +116,10 @@ class Survey:
                 if str(data["key"]) != json.dumps(key, sort_keys=True):
                     return None
                 mips = {n: data[f"mip_{n}"] for n in AXIS_VIEWS}
-                return cls(mips, data["cell_top"], data["cell_sample"], tuple(int(c) for c in data["cell"]))
+                denoise = float(data["denoise"])
+                targets = {n: data[f"target_{n}"] for n in AXIS_VIEWS} if denoise > 0 else mips
+                cell = tuple(int(c) for c in data["cell"])
+                return cls(mips, targets, data["cell_top"], data["cell_sample"], cell, denoise)  # type: ignore[arg-type]
         except (OSError, KeyError, ValueError):
             return None
 
@@ -135,16 +151,22 @@ def survey_regions(
     ]  # fmt: skip
 
 
-def survey_region(source: LazyVolume, region: tuple[slice, slice, slice], cell_zyx: Sequence[int]) -> SurveyPart:
-    """The survey of one chunk (runs on a worker): raw axis MIPs and the cells of the one-voxel blur."""
+def survey_region(
+    source: LazyVolume, region: tuple[slice, slice, slice], cell_zyx: Sequence[int], denoise: float = 0.0
+) -> SurveyPart:
+    """The survey of one chunk (runs on a worker): raw and denoised axis MIPs and the cells of the one-voxel
+    blur."""
     from scipy.ndimage import gaussian_filter
 
+    from ..denoise import denoise_along_structures, denoise_margin
+
     shape = source.shape_zyx
-    wide = tuple(slice(max(0, r.start - BLUR_MARGIN), min(n, r.stop + BLUR_MARGIN)) for r, n in zip(region, shape))
+    margin = max(BLUR_MARGIN, denoise_margin(denoise)) if denoise > 0 else BLUR_MARGIN
+    wide = tuple(slice(max(0, r.start - margin), min(n, r.stop + margin)) for r, n in zip(region, shape))
     data = source.read(wide)
     inner = tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, wide))
-    raw = data[inner]
-    mips = {"xy": raw.max(axis=0), "xz": raw.max(axis=1), "yz": raw.max(axis=2)}
+    mips = _axis_mips(data[inner])
+    targets = _axis_mips(denoise_along_structures(data, denoise)[inner]) if denoise > 0 else mips
     blurred = gaussian_filter(data, sigma=1.0, mode="nearest")[inner]
     del data
     counts = [-(-n // c) for n, c in zip(blurred.shape, cell_zyx)]
@@ -161,17 +183,25 @@ def survey_region(source: LazyVolume, region: tuple[slice, slice, slice], cell_z
     cells = np.nan_to_num(cells.reshape(*counts, cz * cy * cx), nan=-np.inf)
     rank = min(CELL_RANK, cells.shape[-1])
     cell_top = np.partition(cells, -rank, axis=-1)[..., -rank]
-    return SurveyPart(tuple((r.start, r.stop) for r in region), mips, cell_top, sample)  # type: ignore[arg-type]
+    bounds = tuple((r.start, r.stop) for r in region)
+    return SurveyPart(bounds, mips, targets, cell_top, sample)  # type: ignore[arg-type]
+
+
+def _axis_mips(volume: np.ndarray) -> dict[str, np.ndarray]:
+    return {"xy": volume.max(axis=0), "xz": volume.max(axis=1), "yz": volume.max(axis=2)}
 
 
 class SurveyBuilder:
     """Folds :class:`SurveyPart` results, in any order, into a :class:`Survey`."""
 
-    def __init__(self, shape_zyx: Sequence[int], cell_zyx: Sequence[int]) -> None:
+    def __init__(self, shape_zyx: Sequence[int], cell_zyx: Sequence[int], denoise: float = 0.0) -> None:
         z, y, x = (int(n) for n in shape_zyx)
         self.cell = tuple(int(c) for c in cell_zyx)
+        self.denoise = denoise
         counts = tuple(-(-n // c) for n, c in zip((z, y, x), self.cell))
-        self.mips = {n: np.full(s, -np.inf, np.float32) for n, s in (("xy", (y, x)), ("xz", (z, x)), ("yz", (z, y)))}
+        shapes = (("xy", (y, x)), ("xz", (z, x)), ("yz", (z, y)))
+        self.mips = {n: np.full(s, -np.inf, np.float32) for n, s in shapes}
+        self.targets = {n: np.full(s, -np.inf, np.float32) for n, s in shapes} if denoise > 0 else self.mips
         self.cell_top = np.full(counts, -np.inf, np.float32)
         self.cell_sample = np.full(counts, np.nan, np.float32)
 
@@ -181,6 +211,8 @@ class SurveyBuilder:
         for name, where in (("xy", (slice(y0, y1), slice(x0, x1))), ("xz", (slice(z0, z1), slice(x0, x1))),
                             ("yz", (slice(z0, z1), slice(y0, y1)))):  # fmt: skip
             np.maximum(self.mips[name][where], part.mips[name], out=self.mips[name][where])
+            if self.targets is not self.mips:
+                np.maximum(self.targets[name][where], part.targets[name], out=self.targets[name][where])
         cells = tuple(slice(start // c, start // c + n) for start, c, n in zip((z0, y0, x0), self.cell,
                                                                                part.cell_top.shape))  # fmt: skip
         self.cell_top[cells] = part.cell_top
@@ -188,15 +220,20 @@ class SurveyBuilder:
 
     def result(self) -> Survey:
         """The survey (every chunk must have been added)."""
-        return Survey(self.mips, self.cell_top, self.cell_sample, self.cell)  # type: ignore[arg-type]
+        return Survey(self.mips, self.targets, self.cell_top, self.cell_sample, self.cell, self.denoise)  # type: ignore[arg-type]
 
 
 def run_survey(
-    source: LazyVolume, cell_zyx: Sequence[int], run: Callable[..., Any], progress: Callable[[int, int], None]
+    source: LazyVolume,
+    cell_zyx: Sequence[int],
+    run: Callable[..., Any],
+    progress: Callable[[int, int], None],
+    denoise: float = 0.0,
 ) -> Survey:
-    """Survey ``source`` with ``run(function, items, on_result)`` (see :func:`.engine.run_tasks`)."""
+    """Survey ``source`` with ``run(function, items, on_result)`` (see :func:`.engine.run_tasks`), its targets
+    denoised over ``denoise`` voxels (0: raw)."""
     regions = survey_regions(source.shape_zyx, source.chunks_zyx, cell_zyx)
-    builder = SurveyBuilder(source.shape_zyx, cell_zyx)
+    builder = SurveyBuilder(source.shape_zyx, cell_zyx, denoise)
     done = 0
 
     def fold(part: SurveyPart) -> None:
@@ -205,7 +242,7 @@ def run_survey(
         done += 1
         progress(done, len(regions))
 
-    run(survey_region, [(source, region, tuple(cell_zyx)) for region in regions], fold)
+    run(survey_region, [(source, region, tuple(cell_zyx), denoise) for region in regions], fold)
     return builder.result()
 
 
