@@ -116,9 +116,17 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def core_side_mips(source, core) -> tuple:
-    """The ``xz`` and ``yz`` MIPs of one core's voxels (runs on a worker)."""
-    data = source.read(tuple(slice(a, b) for a, b in core))
+def core_side_mips(source, core, denoise: float) -> tuple:
+    """The ``xz`` and ``yz`` MIPs of one core's voxels, denoised over ``denoise`` voxels as the fit's targets are
+    (read with the margin that makes it exact; 0: raw) (runs on a worker)."""
+    from napari_neurogs_mip.denoise import denoise_along_structures, denoise_margin
+
+    margin = denoise_margin(denoise) if denoise > 0 else 0
+    wide = tuple(slice(max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, source.shape_zyx))
+    data = source.read(wide)
+    if denoise > 0:
+        data = denoise_along_structures(data, denoise)
+    data = data[tuple(slice(a - w.start, b - w.start) for (a, b), w in zip(core, wide))]
     return core, data.max(axis=1), data.max(axis=2)
 
 
@@ -193,7 +201,8 @@ def seam_quality(client, out: Path, volume: Path, block, halo: int) -> dict:
     # xz, yz: per slab of cores, like-for-like with the blocks' own side views.
     source = open_volume(volume)
     parts: list = []
-    run_tasks(client, core_side_mips, [(source, b.core) for b in fitted_blocks], parts.append)
+    denoise = float(checkpoint.metadata["config"]["denoise"])
+    run_tasks(client, core_side_mips, [(source, b.core, denoise) for b in fitted_blocks], parts.append)
     voxels = model.means.detach().double().numpy() / geometry.spacing_xyz
     for name, slab_axis in (("xz", 1), ("yz", 2)):
         errors = []
@@ -340,8 +349,8 @@ def main() -> None:
               f"mark {high_water[worker] / GIB:.3f} GiB (limit {limit / GIB:.2f} GiB)")  # fmt: skip
     under = all(v < limit for v in high_water.values()) and first_workers == last_workers
     print(f"every worker under the limit: {under}")
-    print("seam quality, PSNR dB against the noisy volume's MIPs (blocks: each block's own fit against its own "
-          "targets, pooled):")  # fmt: skip
+    print("seam quality, PSNR dB against the volume's MIPs (denoised as the fit's targets; blocks: each block's "
+          "own fit against its own targets, pooled):")  # fmt: skip
     for name, row in quality["views"].items():
         merged = row.get("merged_per_slab", row["merged_whole_volume"])
         how = "per slab of cores" if "merged_per_slab" in row else "whole volume"

@@ -332,7 +332,7 @@ def estimate_block(
     views = make_views(list(settings.view_specs), geometry, settings.downsample)
     count = settings.num_gaussians or gaussians or max(1, (config.max_gaussians or DEFAULT_BUDGET["cpu"]) // 2)
     plan = FitPlan(views, geometry, count, max_gaussians=config.max_gaussians, densify=config.densify,
-                   volume_dtype=np.dtype(np.float32), init="foreground")  # fmt: skip
+                   volume_dtype=np.dtype(np.float32), denoise=config.denoise > 0, init="foreground")  # fmt: skip
     memory = estimate_fit_memory(plan, device).total
     pixels = sum(v.height * v.width for v in views)
     return memory, block_seconds(config.iterations, len(views), pixels, math.prod(region_zyx), count), pixels
