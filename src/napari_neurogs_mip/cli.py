@@ -482,8 +482,9 @@ def _run_fit(args: argparse.Namespace, out: Path) -> int:
         sample=args.sample, target=args.target, target_mips=args.target_mips, channel=args.channel, time=args.time,
         voxel_size=tuple(args.voxel_size) if args.voxel_size else None, view_specs=_view_specs(args),
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, resolution=_resolution(args),
-        normalize=args.normalize, denoise=config.denoise, checkpoint=args.checkpoint, swc=args.swc, num_gaussians=args.num_gaussians,
-        max_gaussians=config.max_gaussians, init=args.init, seed=config.seed, device=config.device,
+        normalize=args.normalize, denoise=config.denoise, checkpoint=args.checkpoint, swc=args.swc,
+        num_gaussians=args.num_gaussians, max_gaussians=config.max_gaussians, init=args.init, seed=config.seed,
+        device=config.device,
         self_reconstruct=args.self_reconstruct,
         eval_specs=parse_view_specs(args.eval_views) if args.eval_views else [],
     )  # fmt: skip

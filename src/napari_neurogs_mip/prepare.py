@@ -369,7 +369,6 @@ def _check_memory(
     plan = FitPlan(
         views, geometry, count, max_gaussians=inputs.max_gaussians, eval_views=eval_views,
         volume_dtype=volume.dtype if volume is not None else None, denoise=volume is not None and inputs.denoise > 0,
-        init=init,
-        self_reconstruction=self_reconstruction, resolution=inputs.resolution, count_flag=count_flag,
+        init=init, self_reconstruction=self_reconstruction, resolution=inputs.resolution, count_flag=count_flag,
     )  # fmt: skip
     check_fit_resources(plan, inputs.device)
