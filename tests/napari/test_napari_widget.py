@@ -68,7 +68,8 @@ def test_widget_opens_through_the_manifest(make_napari_viewer, qtbot) -> None:
     assert widget.fit_config().to_dict() == FitConfig(device=device).to_dict()
     assert panel.controls["device"].choices == tuple(available_devices())
     inputs, default_inputs = widget.fit_inputs(), FitInputs()
-    for name in ("view_specs", "resolution", "normalize", "num_gaussians", "max_gaussians", "init", "eval_specs"):
+    for name in ("view_specs", "resolution", "normalize", "denoise", "num_gaussians", "max_gaussians", "init",
+                 "eval_specs"):  # fmt: skip
         assert getattr(inputs, name) == getattr(default_inputs, name), name
     assert inputs.view_specs is None  # the core's default views, whatever they are
     assert widget.views_panel.info.text() == "fits xy, xz, yz, az45_el35, az135_el-35"
@@ -82,10 +83,11 @@ def test_widget_opens_through_the_manifest(make_napari_viewer, qtbot) -> None:
     panel.set_value("max_gaussians", 9000)
     panel.set_value("densify_until", 0)
     panel.set_value("densify", False)
+    panel.set_value("denoise", 0.0)
     assert not panel.controls["densify_every"].enabled and panel.controls["max_gaussians"].enabled
     config, inputs = widget.fit_config(), widget.fit_inputs()
     assert (config.densify, config.densify_until, config.max_gaussians) == (False, 0, 9000)
-    assert (inputs.num_gaussians, inputs.max_gaussians) == (500, 9000)
+    assert (inputs.num_gaussians, inputs.max_gaussians, inputs.denoise) == (500, 9000, 0.0)
     # Voxel size from the layer scale (the sample's spacing); the axes from its labels and scale.
     assert widget.target_panel.layer_combo.currentText() == "sample neuron"
     assert widget.target_panel.voxel_size() == pytest.approx((1.5, 0.5, 0.5))
