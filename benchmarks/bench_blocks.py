@@ -40,6 +40,7 @@ from napari_neurogs_mip.blocks.fit import peak_rss
 from napari_neurogs_mip.blocks.merge import pooled_psnr
 from napari_neurogs_mip.blocks.mips import render_view
 from napari_neurogs_mip.blocks.plan import plan_blocks
+from napari_neurogs_mip.blocks.survey import DEFAULT_CELL, survey_region
 from napari_neurogs_mip.frames import Frame
 from napari_neurogs_mip.io.checkpoint import load_checkpoint
 from napari_neurogs_mip.io.lazy import write_ome_zarr
@@ -117,17 +118,11 @@ def _rss() -> int:
 
 
 def core_side_mips(source, core, denoise: float) -> tuple:
-    """The ``xz`` and ``yz`` MIPs of one core's voxels, denoised over ``denoise`` voxels as the fit's targets are
-    (read with the margin that makes it exact; 0: raw) (runs on a worker)."""
-    from napari_neurogs_mip.denoise import denoise_along_structures, denoise_margin
-
-    margin = denoise_margin(denoise) if denoise > 0 else 0
-    wide = tuple(slice(max(0, a - margin), min(n, b + margin)) for (a, b), n in zip(core, source.shape_zyx))
-    data = source.read(wide)
-    if denoise > 0:
-        data = denoise_along_structures(data, denoise)
-    data = data[tuple(slice(a - w.start, b - w.start) for (a, b), w in zip(core, wide))]
-    return core, data.max(axis=1), data.max(axis=2)
+    """The ``xz`` and ``yz`` MIPs of one core's voxels as the fit's targets are (the survey's of that region:
+    denoised over ``denoise`` voxels, exactly) (runs on a worker)."""
+    region = tuple(slice(a, b) for a, b in core)
+    targets = survey_region(source, region, (DEFAULT_CELL,) * 3, denoise).targets
+    return core, targets["xz"], targets["yz"]
 
 
 def seam_quality(client, out: Path, volume: Path, block, halo: int) -> dict:

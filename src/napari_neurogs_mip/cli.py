@@ -694,12 +694,12 @@ def _render_settings(args: argparse.Namespace, metadata: dict[str, Any]) -> tupl
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .denoise import denoise_along_structures
     from .frames import VolumeGeometry
     from .io.checkpoint import load_checkpoint
     from .io.tiff import read_volume
     from .metrics import format_table, score
     from .preflight import check_render_resources
+    from .prepare import denoised_target
     from .targets import Normalization, targets_for_views
     from .views import AXIS_VIEWS, View, make_views, parse_view_specs
 
@@ -736,7 +736,10 @@ def _eval(args: argparse.Namespace) -> int:
     length = _eval_denoise(args, metadata)
     check_render_resources(checkpoint.model.num_gaussians, views, args.device, geometry=geometry,
                            volume_dtype=read.data.dtype, denoise=length > 0, resolution=_resolution(args))  # fmt: skip
-    volume = read.data if length == 0 else denoise_along_structures(read.data, length)
+    volume = read.data
+    if length > 0:
+        volume, note = denoised_target(read.data, length)
+        print(note)
     targets = targets_for_views(volume, geometry, views, normalization, lows, range_of=read.data)
     images = _render_views(args, checkpoint, geometry, targets.views)
     pairs = zip(targets.views, images, targets.tensors("cpu"), targets.foregrounds())

@@ -172,7 +172,8 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
         _check_memory(inputs, views, geometry, _start(inputs, True, checkpoint, skeleton, geometry, budget), volume)
         raw = volume
         if inputs.denoise > 0:
-            volume = _denoised(volume, inputs.denoise, notes)
+            volume, note = denoised_target(volume, inputs.denoise)
+            notes.append(f"{note}; --denoise 0 fits the raw volume")
         # The raw stack's range: a denoised stack's background (the maxima of less noise) is lower, and
         # taken as the low it makes the model paint the dim blur and noise between the two as structure
         # (the rasterised neuron: yz 38.2 dB against its noise-free volume instead of 39.0).
@@ -279,8 +280,9 @@ def prepare_fit(inputs: FitInputs) -> PreparedFit:
     return PreparedFit(targets, model, resume, notes, volume, eval_targets)
 
 
-def _denoised(volume: np.ndarray, length: float, notes: list[str]) -> np.ndarray:
-    """``volume`` averaged along its structures over ``length`` voxels (a float32 copy; the input is kept)."""
+def denoised_target(volume: np.ndarray, length: float) -> tuple[np.ndarray, str]:
+    """``volume`` averaged along its structures over ``length`` voxels (a float32 copy; the input is kept) and a
+    line saying so; a length too short to average names ``--denoise``."""
     from .denoise import denoise_along_structures
 
     start = time.perf_counter()
@@ -288,11 +290,10 @@ def _denoised(volume: np.ndarray, length: float, notes: list[str]) -> np.ndarray
         denoised = denoise_along_structures(volume, length)
     except ValueError as error:
         raise ValueError(f"--denoise {length:g}: {error}") from None
-    notes.append(
+    return denoised, (
         f"target volume denoised along its structures over {length:g} voxel{'' if length == 1 else 's'} "
-        f"({time.perf_counter() - start:.1f} s; --denoise 0 fits the raw volume)"
+        f"({time.perf_counter() - start:.1f} s)"
     )
-    return denoised
 
 
 def _check_start(inputs: FitInputs) -> None:
